@@ -1,0 +1,188 @@
+//! Foresight's shared event types.
+//!
+//! Every record that crosses a stage boundary is one of the payload types here, wrapped in a
+//! CloudEvents 1.0 [`Event`] envelope with a deterministic [`EventId`]. Stages meet only through these
+//! types and the [`Processor`] contract; nothing here does IO.
+
+mod dead_letter;
+mod envelope;
+mod stage;
+mod types;
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use dead_letter::{DeadLetter, ErrorClass};
+pub use envelope::{CLOUDEVENTS_CONTENT_TYPE, EnvelopeError, Event, EventData, EventId};
+pub use stage::{Origin, Output, Processor, Rejection};
+pub use types::{
+    Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, FailureReport,
+    FeatureWindow, LogEvent, MetricSample, MetricStats, OutcomeStatus, RiskScore, ScoreMethod,
+    Severity,
+};
+
+/// Longest entity id accepted.
+pub const MAX_ENTITY_LEN: usize = 256;
+
+/// The id of a component (host, pod, service, pump...): non-empty, at most [`MAX_ENTITY_LEN`] bytes,
+/// no control characters. It is the Kafka key of every message about the entity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct EntityId(String);
+
+/// Why a string is not an entity id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntityIdError {
+    /// Empty string.
+    #[error("entity id is empty")]
+    Empty,
+    /// Longer than [`MAX_ENTITY_LEN`].
+    #[error("entity id is {0} bytes long; at most {MAX_ENTITY_LEN} are allowed")]
+    TooLong(usize),
+    /// Contains a control character.
+    #[error("entity id contains a control character")]
+    ControlCharacter,
+}
+
+impl EntityId {
+    /// Validates and wraps an id.
+    pub fn new(id: impl Into<String>) -> Result<Self, EntityIdError> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(EntityIdError::Empty);
+        }
+        if id.len() > MAX_ENTITY_LEN {
+            return Err(EntityIdError::TooLong(id.len()));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(EntityIdError::ControlCharacter);
+        }
+        Ok(Self(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EntityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for EntityId {
+    type Error = EntityIdError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl<'de> Deserialize<'de> for EntityId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::new(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The public event kinds, for schema generation and docs: (kind, JSON Schema of its envelope).
+pub fn public_schemas() -> Vec<(&'static str, schemars::Schema)> {
+    fn one<T: EventData>() -> (&'static str, schemars::Schema) {
+        (T::KIND, schemars::schema_for!(Event<T>))
+    }
+    vec![
+        one::<MetricSample>(),
+        one::<LogEvent>(),
+        one::<FeatureWindow>(),
+        one::<RiskScore>(),
+        one::<Decision>(),
+        one::<ActuationOutcome>(),
+        one::<FailureReport>(),
+        ("dead_letter", schemars::schema_for!(DeadLetter)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn sample() -> MetricSample {
+        MetricSample {
+            entity: EntityId::new("node-1").unwrap(),
+            metric: "cpu".into(),
+            time: chrono::Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
+            value: 0.5,
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_and_checks_id() {
+        let event = Event::new("/foresight/test", sample());
+        let bytes = event.to_json();
+        let back = Event::<MetricSample>::from_json(&bytes).unwrap();
+        assert_eq!(back, event);
+
+        let mut forged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        forged["data"]["metric"] = "mem".into();
+        let err = Event::<MetricSample>::from_json(&serde_json::to_vec(&forged).unwrap());
+        assert!(matches!(err, Err(EnvelopeError::IdMismatch { .. })));
+    }
+
+    #[test]
+    fn envelope_rejects_other_versions_and_types() {
+        let event = Event::new("/foresight/test", sample());
+        let mut v: serde_json::Value = serde_json::to_value(&event).unwrap();
+        v["dataschema"] = "urn:foresight:schema:metric_sample:2".into();
+        let err = Event::<MetricSample>::from_json(&serde_json::to_vec(&v).unwrap());
+        assert!(matches!(
+            err,
+            Err(EnvelopeError::UnknownSchemaVersion { .. })
+        ));
+        let err = Event::<LogEvent>::from_json(&event.to_json());
+        assert!(matches!(err, Err(EnvelopeError::WrongType { .. })));
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let a = sample();
+        let mut b = sample();
+        assert_eq!(a.id(), b.id());
+        b.value = 0.7; // Same entity, metric and time: a duplicate, so the same id.
+        assert_eq!(a.id(), b.id());
+        b.metric = "mem".into();
+        assert_ne!(a.id(), b.id());
+        assert_ne!(
+            EventId::derive("k", &[b"ab", b"c"]),
+            EventId::derive("k", &[b"a", b"bc"])
+        );
+    }
+
+    #[test]
+    fn entity_ids_are_validated() {
+        assert_eq!(EntityId::new(""), Err(EntityIdError::Empty));
+        assert_eq!(
+            EntityId::new("a".repeat(300)),
+            Err(EntityIdError::TooLong(300))
+        );
+        assert_eq!(EntityId::new("a\nb"), Err(EntityIdError::ControlCharacter));
+        assert!(serde_json::from_str::<EntityId>("\"\"").is_err());
+    }
+
+    #[test]
+    fn every_public_kind_has_a_schema() {
+        let schemas = public_schemas();
+        assert_eq!(schemas.len(), 8);
+        for (kind, schema) in schemas {
+            let text = serde_json::to_string(&schema).unwrap();
+            assert!(text.contains("properties"), "{kind}");
+        }
+    }
+}

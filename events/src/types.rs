@@ -1,0 +1,522 @@
+//! The canonical payload types.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{EntityId, EventData, EventId};
+
+fn millis(t: &DateTime<Utc>) -> [u8; 8] {
+    t.timestamp_millis().to_le_bytes()
+}
+
+/// One numeric observation of one metric of one entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSample {
+    /// The component observed (host, pod, service, pump, ...).
+    pub entity: EntityId,
+    /// Metric name, e.g. `disk_used_pct`.
+    pub metric: String,
+    /// When it was observed.
+    pub time: DateTime<Utc>,
+    /// The observed value; always finite.
+    pub value: f64,
+    /// Further labels of the series, kept for grouping and explanation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl EventData for MetricSample {
+    const KIND: &'static str = "metric_sample";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    /// Entity, metric and time: a re-sent sample has the id of the original, so duplicates are harmless.
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.entity.as_str().as_bytes(),
+                self.metric.as_bytes(),
+                &millis(&self.time),
+            ],
+        )
+    }
+}
+
+/// Severity of a log event, on OpenTelemetry's scale.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Fine-grained debugging.
+    Trace,
+    /// Debugging.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something unexpected that did not fail.
+    Warn,
+    /// An operation failed.
+    Error,
+    /// The component cannot go on.
+    Fatal,
+}
+
+/// One log record of one entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogEvent {
+    /// The component that logged.
+    pub entity: EntityId,
+    /// When it was logged.
+    pub time: DateTime<Utc>,
+    /// Severity.
+    pub severity: Severity,
+    /// The message.
+    pub body: String,
+    /// Structured attributes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl EventData for LogEvent {
+    const KIND: &'static str = "log_event";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.entity.as_str().as_bytes(),
+                &millis(&self.time),
+                self.body.as_bytes(),
+            ],
+        )
+    }
+}
+
+/// Statistics of one metric within one window, plus the recent history the scorer forecasts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricStats {
+    /// Samples in the window.
+    pub count: u64,
+    /// Mean of the samples.
+    pub mean: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// The sample with the latest event time.
+    pub last: f64,
+    /// Means of this metric's most recent windows that had data, oldest first, ending with this one.
+    /// Bounded by the feature stage's configured history length. Carrying it here keeps the scorer a
+    /// pure function of one window, so live, restarted and replayed runs score identically.
+    pub history: Vec<f64>,
+    /// Windows without data for this metric between the previous window with data and this one
+    /// (marked, never filled in).
+    #[serde(default)]
+    pub gap_windows: u64,
+}
+
+/// The features of one entity over one event-time window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureWindow {
+    /// The entity.
+    pub entity: EntityId,
+    /// Window start (inclusive).
+    pub start: DateTime<Utc>,
+    /// Window end (exclusive); the window's event time.
+    pub end: DateTime<Utc>,
+    /// Statistics per metric that had samples in the window.
+    pub metrics: BTreeMap<String, MetricStats>,
+}
+
+impl EventData for FeatureWindow {
+    const KIND: &'static str = "feature_window";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.end
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.entity.as_str().as_bytes(),
+                &millis(&self.start),
+                &millis(&self.end),
+            ],
+        )
+    }
+}
+
+/// Risk band of a score, from configured probability thresholds.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Band {
+    /// Use normally.
+    Low,
+    /// Watch; prepare.
+    Moderate,
+    /// Act.
+    High,
+}
+
+impl Band {
+    /// The band's name as written in events and config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Band::Low => "low",
+            Band::Moderate => "moderate",
+            Band::High => "high",
+        }
+    }
+}
+
+/// One signal's contribution to a score, so a person can see why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Contributor {
+    /// Signal name, e.g. `forecast_breach`.
+    pub signal: String,
+    /// The metric the signal is about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    /// The signal's own probability of failure within the horizon.
+    pub probability: f64,
+    /// The signal's headline value (e.g. the forecast at the horizon).
+    pub value: f64,
+    /// Human-readable explanation.
+    pub detail: String,
+}
+
+/// How a score's probability was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreMethod {
+    /// The documented prior combination of signals, used before enough failure labels exist.
+    Prior,
+    /// A failure model trained on recorded failures.
+    Learned,
+}
+
+/// An entity's risk of failure within a horizon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RiskScore {
+    /// The entity.
+    pub entity: EntityId,
+    /// Event time of the window the score is for (its end).
+    pub time: DateTime<Utc>,
+    /// The feature window scored.
+    pub window_id: EventId,
+    /// How far ahead the probability looks, in seconds.
+    pub horizon_seconds: u64,
+    /// Probability of failure within the horizon.
+    pub probability: f64,
+    /// Lower bound of the probability's confidence interval.
+    pub lower: f64,
+    /// Upper bound of the probability's confidence interval.
+    pub upper: f64,
+    /// Expected time to failure in seconds, when a failure is expected within the horizon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_failure_seconds: Option<u64>,
+    /// Health in [0, 100]: 100 is certainly fine.
+    pub health: f64,
+    /// Risk band.
+    pub band: Band,
+    /// The signals behind the probability, strongest first.
+    pub contributors: Vec<Contributor>,
+    /// How the probability was computed.
+    pub method: ScoreMethod,
+    /// Version of the model (or prior) that computed it.
+    pub model_version: String,
+}
+
+impl EventData for RiskScore {
+    const KIND: &'static str = "risk_score";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[self.window_id.as_bytes(), self.model_version.as_bytes()],
+        )
+    }
+}
+
+/// What an allocation decision does.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Move workloads away from the entity.
+    Migrate,
+    /// Add replicas or capacity.
+    ScaleUp,
+    /// Remove replicas or shift load off the entity.
+    ScaleBack,
+    /// Reserve spare capacity on healthy nodes.
+    ReserveBuffer,
+    /// Bring up standby capacity in a secondary environment.
+    PreProvisionStandby,
+    /// Copy state to the standby.
+    TransferState,
+    /// Register the standby with a traffic switch.
+    RegisterTrafficSwitch,
+    /// Switch traffic to the standby.
+    SwitchTraffic,
+    /// Swap the component for a virtual one.
+    SwapVirtual,
+    /// Schedule repair or replacement.
+    ScheduleRepair,
+    /// Change bandwidth or I/O priority.
+    AdjustBandwidth,
+    /// Raise resource limits for a code or function id.
+    RaiseLimits,
+    /// Raise the queue priority of a code or function id.
+    PrioritiseQueue,
+    /// Evict lower-priority work.
+    Evict,
+    /// Do nothing but keep watching.
+    Monitor,
+    /// Do nothing (the reason says why).
+    NoOp,
+}
+
+impl ActionKind {
+    /// The action's name as written in events and config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ActionKind::Migrate => "migrate",
+            ActionKind::ScaleUp => "scale_up",
+            ActionKind::ScaleBack => "scale_back",
+            ActionKind::ReserveBuffer => "reserve_buffer",
+            ActionKind::PreProvisionStandby => "pre_provision_standby",
+            ActionKind::TransferState => "transfer_state",
+            ActionKind::RegisterTrafficSwitch => "register_traffic_switch",
+            ActionKind::SwitchTraffic => "switch_traffic",
+            ActionKind::SwapVirtual => "swap_virtual",
+            ActionKind::ScheduleRepair => "schedule_repair",
+            ActionKind::AdjustBandwidth => "adjust_bandwidth",
+            ActionKind::RaiseLimits => "raise_limits",
+            ActionKind::PrioritiseQueue => "prioritise_queue",
+            ActionKind::Evict => "evict",
+            ActionKind::Monitor => "monitor",
+            ActionKind::NoOp => "no_op",
+        }
+    }
+}
+
+/// An action with its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// What to do.
+    pub kind: ActionKind,
+    /// The entity acted on.
+    pub target: EntityId,
+    /// Action parameters (replicas, destination, limits, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+/// An action that was considered and not chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Alternative {
+    /// The action considered.
+    pub action: Action,
+    /// Why it lost.
+    pub rejected_because: String,
+}
+
+/// An allocation decision, with everything needed to explain and undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    /// The entity the decision is about.
+    pub entity: EntityId,
+    /// Event time of the score it was based on.
+    pub time: DateTime<Utc>,
+    /// The score it was based on.
+    pub score_id: EventId,
+    /// That score's probability.
+    pub probability: f64,
+    /// That score's interval.
+    pub interval: [f64; 2],
+    /// That score's band.
+    pub band: Band,
+    /// The policy that fired.
+    pub policy: String,
+    /// The rule within the policy that fired.
+    pub rule: String,
+    /// What to do.
+    pub action: Action,
+    /// Why, in words.
+    pub reason: String,
+    /// What the action is expected to achieve.
+    pub expected_effect: String,
+    /// The action that undoes this one, for rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inverse: Option<Action>,
+    /// Actions considered and why they lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternatives: Vec<Alternative>,
+}
+
+impl EventData for Decision {
+    const KIND: &'static str = "decision";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.score_id.as_bytes(),
+                self.policy.as_bytes(),
+                self.rule.as_bytes(),
+            ],
+        )
+    }
+}
+
+/// What became of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeStatus {
+    /// Recorded what would have been done; nothing was changed.
+    DryRun,
+    /// Applied.
+    Applied,
+    /// Tried and failed.
+    Failed,
+    /// Postponed (rate limit, budget, approval).
+    Deferred,
+    /// Applied, then undone.
+    RolledBack,
+    /// Unknown: needs a person to check the target.
+    Unknown,
+}
+
+impl OutcomeStatus {
+    /// The status's name as written in events.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OutcomeStatus::DryRun => "dry_run",
+            OutcomeStatus::Applied => "applied",
+            OutcomeStatus::Failed => "failed",
+            OutcomeStatus::Deferred => "deferred",
+            OutcomeStatus::RolledBack => "rolled_back",
+            OutcomeStatus::Unknown => "unknown",
+        }
+    }
+}
+
+/// The result of actuating one decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActuationOutcome {
+    /// The decision actuated.
+    pub decision_id: EventId,
+    /// The entity.
+    pub entity: EntityId,
+    /// Event time of the decision.
+    pub time: DateTime<Utc>,
+    /// Which actuator handled it (`dry-run`, `webhook`, ...).
+    pub actuator: String,
+    /// What became of it.
+    pub status: OutcomeStatus,
+    /// The action as actuated.
+    pub action: Action,
+    /// Details: response, output, reason for deferral.
+    pub detail: String,
+}
+
+impl EventData for ActuationOutcome {
+    const KIND: &'static str = "actuation_outcome";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.decision_id.as_bytes(),
+                self.actuator.as_bytes(),
+                self.status.as_str().as_bytes(),
+            ],
+        )
+    }
+}
+
+/// An observed failure: the label that scores are judged by and the failure model learns from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailureReport {
+    /// The entity that failed.
+    pub entity: EntityId,
+    /// When it failed.
+    pub time: DateTime<Utc>,
+    /// Kind of failure, e.g. `disk_full`, `oom`, `crash`.
+    pub kind: String,
+    /// Free-form details.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl EventData for FailureReport {
+    const KIND: &'static str = "failure_report";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.entity.as_str().as_bytes(),
+                &millis(&self.time),
+                self.kind.as_bytes(),
+            ],
+        )
+    }
+}

@@ -1,0 +1,501 @@
+//! Foresight features: per-entity tumbling event-time windows over metric samples.
+//!
+//! Each entity keeps its own watermark (its latest sample time minus the allowed lateness), so a
+//! window closes on the entity's own progress and the result does not depend on how entities are
+//! spread over partitions: live (any number of partitions) and replay (one file) give the same
+//! windows. A sample whose window has already closed is rejected as late, never silently dropped.
+//!
+//! ```
+//! use chrono::{DateTime, Utc};
+//! use foresight_events::{EntityId, MetricSample, Origin, Output, Processor};
+//! use foresight_features::{FeaturesConfig, WindowProcessor};
+//!
+//! let mut windows = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+//! let mut out = Vec::new();
+//! for (i, minute) in [0, 1, 2].into_iter().enumerate() {
+//!     let sample = MetricSample {
+//!         entity: EntityId::new("node-1").unwrap(),
+//!         metric: "cpu".into(),
+//!         time: DateTime::<Utc>::from_timestamp(minute * 60, 0).unwrap(),
+//!         value: minute as f64,
+//!         labels: Default::default(),
+//!     };
+//!     windows.process(sample, Origin { partition: 0, offset: i as i64 }, &mut out);
+//! }
+//! // One-minute windows, 30 s allowed lateness: the sample at minute 2 moves the watermark to
+//! // 1:30, which closes the window of minute 0 only.
+//! assert_eq!(out.len(), 1);
+//! assert!(matches!(&out[0], Output::Event(w) if w.metrics["cpu"].mean == 0.0));
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use foresight_events::{
+    EntityId, ErrorClass, FeatureWindow, MetricSample, MetricStats, Origin, Output, Processor,
+    Rejection,
+};
+use serde::{Deserialize, Serialize};
+
+/// Windowing configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesConfig {
+    /// Length of a tumbling window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How far out of order (behind the entity's latest sample) a sample may arrive and still count.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// How many recent window means per metric to carry for the scorer.
+    pub history: usize,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(60),
+            allowed_lateness: Duration::from_secs(30),
+            history: 64,
+        }
+    }
+}
+
+/// An invalid features configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FeaturesConfigError {
+    /// The window must be at least one millisecond.
+    #[error("features.window must be at least 1ms")]
+    WindowTooShort,
+    /// History must hold at least one window.
+    #[error("features.history must be at least 1")]
+    NoHistory,
+    /// History is bounded to keep per-entity memory bounded.
+    #[error("features.history is {0}; at most {MAX_HISTORY} is allowed")]
+    HistoryTooLong(usize),
+}
+
+/// Longest history per metric, to bound memory per entity-metric.
+pub const MAX_HISTORY: usize = 512;
+
+impl FeaturesConfig {
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), FeaturesConfigError> {
+        if self.window.as_millis() < 1 {
+            return Err(FeaturesConfigError::WindowTooShort);
+        }
+        if self.history == 0 {
+            return Err(FeaturesConfigError::NoHistory);
+        }
+        if self.history > MAX_HISTORY {
+            return Err(FeaturesConfigError::HistoryTooLong(self.history));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Accumulator {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: f64,
+    last_time: i64,
+}
+
+impl Accumulator {
+    fn new(value: f64, time: i64) -> Self {
+        Self {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+            last: value,
+            last_time: time,
+        }
+    }
+
+    fn add(&mut self, value: f64, time: i64) {
+        self.count += 1;
+        self.sum += value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        // Ties keep the later-arriving sample, so the result is deterministic for a given order.
+        if time >= self.last_time {
+            self.last = value;
+            self.last_time = time;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct OpenWindow {
+    metrics: BTreeMap<String, Accumulator>,
+    /// Earliest input offset folded into this window: it must be re-read if the window is lost.
+    first_offset: i64,
+}
+
+#[derive(Debug, Default)]
+struct MetricHistory {
+    means: VecDeque<f64>,
+    /// Start (ms) of the last window that had data for this metric.
+    last_start: Option<i64>,
+}
+
+#[derive(Debug)]
+struct EntityState {
+    partition: i32,
+    /// Latest sample time seen (ms).
+    max_time: i64,
+    /// End (ms) of the latest closed window: samples before it are late.
+    closed_until: i64,
+    open: BTreeMap<i64, OpenWindow>,
+    history: HashMap<String, MetricHistory>,
+}
+
+/// The tumbling-window processor: [`MetricSample`] in, [`FeatureWindow`] out.
+#[derive(Debug)]
+pub struct WindowProcessor {
+    config: FeaturesConfig,
+    window_ms: i64,
+    lateness_ms: i64,
+    entities: HashMap<EntityId, EntityState>,
+}
+
+impl WindowProcessor {
+    /// A processor with the given configuration.
+    pub fn new(config: FeaturesConfig) -> Result<Self, FeaturesConfigError> {
+        config.validate()?;
+        Ok(Self {
+            window_ms: config.window.as_millis() as i64,
+            lateness_ms: config.allowed_lateness.as_millis() as i64,
+            config,
+            entities: HashMap::new(),
+        })
+    }
+
+    /// Entities with state.
+    pub fn entity_count(&self) -> usize {
+        self.entities.len()
+    }
+
+    fn close(
+        config: &FeaturesConfig,
+        window_ms: i64,
+        entity: &EntityId,
+        state: &mut EntityState,
+        start: i64,
+        window: OpenWindow,
+        out: &mut Vec<Output<FeatureWindow>>,
+    ) {
+        let mut metrics = BTreeMap::new();
+        for (name, acc) in window.metrics {
+            let history = state.history.entry(name.clone()).or_default();
+            let mean = acc.sum / acc.count as f64;
+            if history.means.len() == config.history {
+                history.means.pop_front();
+            }
+            history.means.push_back(mean);
+            let gap_windows = history
+                .last_start
+                .map(|prev| ((start - prev) / window_ms - 1).max(0) as u64)
+                .unwrap_or(0);
+            history.last_start = Some(start);
+            metrics.insert(
+                name,
+                MetricStats {
+                    count: acc.count,
+                    mean,
+                    min: acc.min,
+                    max: acc.max,
+                    last: acc.last,
+                    history: history.means.iter().copied().collect(),
+                    gap_windows,
+                },
+            );
+        }
+        state.closed_until = state.closed_until.max(start + window_ms);
+        out.push(Output::Event(FeatureWindow {
+            entity: entity.clone(),
+            start: ms_to_time(start),
+            end: ms_to_time(start + window_ms),
+            metrics,
+        }));
+    }
+}
+
+fn ms_to_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).expect("window bounds come from valid sample times")
+}
+
+impl Processor for WindowProcessor {
+    type Input = MetricSample;
+    type Output = FeatureWindow;
+
+    fn process(
+        &mut self,
+        sample: MetricSample,
+        origin: Origin,
+        out: &mut Vec<Output<FeatureWindow>>,
+    ) {
+        let t = sample.time.timestamp_millis();
+        let start = t.div_euclid(self.window_ms) * self.window_ms;
+        let state = self
+            .entities
+            .entry(sample.entity.clone())
+            .or_insert_with(|| EntityState {
+                partition: origin.partition,
+                max_time: i64::MIN,
+                closed_until: i64::MIN,
+                open: BTreeMap::new(),
+                history: HashMap::new(),
+            });
+        state.partition = origin.partition;
+        if start < state.closed_until {
+            out.push(Output::Rejected(Rejection::new(
+                ErrorClass::Late,
+                format!(
+                    "sample of {}/{} at {} arrived after its window closed (allowed lateness {})",
+                    sample.entity,
+                    sample.metric,
+                    sample.time,
+                    humantime::format_duration(self.config.allowed_lateness)
+                ),
+            )));
+            return;
+        }
+        let window = state.open.entry(start).or_insert_with(|| OpenWindow {
+            metrics: BTreeMap::new(),
+            first_offset: origin.offset,
+        });
+        window.first_offset = window.first_offset.min(origin.offset);
+        match window.metrics.get_mut(&sample.metric) {
+            Some(acc) => acc.add(sample.value, t),
+            None => {
+                window
+                    .metrics
+                    .insert(sample.metric, Accumulator::new(sample.value, t));
+            }
+        }
+        state.max_time = state.max_time.max(t);
+        let watermark = state.max_time.saturating_sub(self.lateness_ms);
+        while let Some(entry) = state.open.first_entry() {
+            if *entry.key() + self.window_ms > watermark {
+                break;
+            }
+            let (start, window) = entry.remove_entry();
+            Self::close(
+                &self.config,
+                self.window_ms,
+                &sample.entity,
+                state,
+                start,
+                window,
+                out,
+            );
+        }
+    }
+
+    fn retained_from(&self, partition: i32) -> Option<i64> {
+        self.entities
+            .values()
+            .filter(|s| s.partition == partition)
+            .flat_map(|s| s.open.values().map(|w| w.first_offset))
+            .min()
+    }
+
+    fn flush(&mut self, out: &mut Vec<Output<FeatureWindow>>) {
+        let mut entities: Vec<_> = self.entities.iter_mut().collect();
+        entities.sort_by(|a, b| a.0.cmp(b.0));
+        for (entity, state) in entities {
+            while let Some((start, window)) = state.open.pop_first() {
+                Self::close(
+                    &self.config,
+                    self.window_ms,
+                    entity,
+                    state,
+                    start,
+                    window,
+                    out,
+                );
+            }
+        }
+    }
+
+    fn forget_partition(&mut self, partition: i32) {
+        self.entities.retain(|_, s| s.partition != partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(entity: &str, metric: &str, secs: i64, value: f64) -> MetricSample {
+        MetricSample {
+            entity: EntityId::new(entity).unwrap(),
+            metric: metric.into(),
+            time: DateTime::from_timestamp(secs, 0).unwrap(),
+            value,
+            labels: Default::default(),
+        }
+    }
+
+    fn run(samples: Vec<MetricSample>) -> Vec<Output<FeatureWindow>> {
+        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+        let mut out = Vec::new();
+        for (i, s) in samples.into_iter().enumerate() {
+            p.process(
+                s,
+                Origin {
+                    partition: 0,
+                    offset: i as i64,
+                },
+                &mut out,
+            );
+        }
+        p.flush(&mut out);
+        out
+    }
+
+    fn windows(out: &[Output<FeatureWindow>]) -> Vec<&FeatureWindow> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Event(w) => Some(w),
+                Output::Rejected(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn computes_stats_per_window_and_metric() {
+        let out = run(vec![
+            sample("a", "cpu", 0, 1.0),
+            sample("a", "cpu", 10, 3.0),
+            sample("a", "mem", 20, 5.0),
+            sample("a", "cpu", 65, 7.0),
+        ]);
+        let w = windows(&out);
+        assert_eq!(w.len(), 2);
+        let cpu = &w[0].metrics["cpu"];
+        assert_eq!(
+            (cpu.count, cpu.mean, cpu.min, cpu.max, cpu.last),
+            (2, 2.0, 1.0, 3.0, 3.0)
+        );
+        assert_eq!(w[0].metrics["mem"].mean, 5.0);
+        assert_eq!(w[1].metrics["cpu"].history, vec![2.0, 7.0]);
+    }
+
+    #[test]
+    fn tolerates_disorder_within_lateness_and_rejects_beyond() {
+        let out = run(vec![
+            sample("a", "cpu", 50, 1.0),
+            sample("a", "cpu", 70, 2.0), // watermark 40: window [0,60) stays open
+            sample("a", "cpu", 55, 3.0), // out of order but in time
+            sample("a", "cpu", 95, 4.0), // watermark 65: closes [0,60)
+            sample("a", "cpu", 59, 5.0), // late
+        ]);
+        let w = windows(&out);
+        assert_eq!(w[0].metrics["cpu"].count, 2);
+        assert_eq!(w[0].metrics["cpu"].last, 3.0);
+        let late: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Rejected(r) => Some(r),
+                Output::Event(_) => None,
+            })
+            .collect();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].class, ErrorClass::Late);
+    }
+
+    #[test]
+    fn marks_gaps_instead_of_filling_them() {
+        let out = run(vec![
+            sample("a", "cpu", 0, 1.0),
+            sample("a", "cpu", 300, 2.0),
+        ]);
+        let w = windows(&out);
+        assert_eq!(w.len(), 2, "no window is invented for the empty minutes");
+        assert_eq!(w[1].metrics["cpu"].gap_windows, 4);
+    }
+
+    #[test]
+    fn entities_do_not_hold_each_other_back() {
+        let out = run(vec![
+            sample("a", "cpu", 0, 1.0),
+            sample("b", "cpu", 0, 1.0),
+            sample("b", "cpu", 100, 1.0),
+        ]);
+        let w = windows(&out);
+        // b's window closes by b's progress; a's only at the final flush.
+        assert_eq!(w[0].entity.as_str(), "b");
+        assert_eq!(w[1].entity.as_str(), "a");
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let cfg = FeaturesConfig {
+            history: 3,
+            ..FeaturesConfig::default()
+        };
+        let mut p = WindowProcessor::new(cfg).unwrap();
+        let mut out = Vec::new();
+        for i in 0..10 {
+            p.process(
+                sample("a", "cpu", i * 60, i as f64),
+                Origin {
+                    partition: 0,
+                    offset: i,
+                },
+                &mut out,
+            );
+        }
+        p.flush(&mut out);
+        let last = windows(&out).last().unwrap().metrics["cpu"].history.clone();
+        assert_eq!(last, vec![7.0, 8.0, 9.0]);
+    }
+
+    #[test]
+    fn retains_the_offsets_of_open_windows_only() {
+        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+        let mut out = Vec::new();
+        p.process(
+            sample("a", "cpu", 0, 1.0),
+            Origin {
+                partition: 2,
+                offset: 10,
+            },
+            &mut out,
+        );
+        p.process(
+            sample("a", "cpu", 30, 1.0),
+            Origin {
+                partition: 2,
+                offset: 11,
+            },
+            &mut out,
+        );
+        assert_eq!(p.retained_from(2), Some(10));
+        assert_eq!(p.retained_from(1), None);
+        p.process(
+            sample("a", "cpu", 95, 1.0),
+            Origin {
+                partition: 2,
+                offset: 12,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            p.retained_from(2),
+            Some(12),
+            "the closed window no longer pins offset 10"
+        );
+        p.forget_partition(2);
+        assert_eq!(p.retained_from(2), None);
+    }
+}

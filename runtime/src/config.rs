@@ -1,0 +1,400 @@
+//! Configuration: compiled-in defaults, then one TOML file, then `FORESIGHT_*` environment variables.
+//!
+//! Environment keys use `__` between levels: `FORESIGHT_KAFKA__BROKERS=host:9092` sets
+//! `kafka.brokers`. Every problem is reported at once, each with the key it is about.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use foresight_allocator::AllocatorConfig;
+use foresight_features::FeaturesConfig;
+use foresight_ingest::IngestConfig;
+use foresight_scoring::ScoringConfig;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Kafka connection and topic layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Prefix of every topic name, so several pipelines can share a cluster.
+    pub topic_prefix: String,
+    /// Prefix of every consumer group id; the stage name is appended.
+    pub group_prefix: String,
+    /// Partitions of topics Foresight creates itself (`foresight topics create`).
+    pub partitions: i32,
+    /// Extra librdkafka properties for every client (security settings go here).
+    pub client: BTreeMap<String, String>,
+    /// Extra librdkafka properties for consumers only.
+    pub consumer: BTreeMap<String, String>,
+    /// Extra librdkafka properties for producers only.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: "foresight.".into(),
+            group_prefix: "foresight-".into(),
+            partitions: 3,
+            client: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// The audit database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL (credentials may come from `FORESIGHT_POSTGRES__URL` instead of the file).
+    pub url: String,
+    /// Most connections in the pool.
+    pub max_connections: u32,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/foresight".into(),
+            max_connections: 8,
+            migrate: true,
+        }
+    }
+}
+
+/// Limits of the stage runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerConfig {
+    /// Most input messages whose outputs are not yet acknowledged, per stage: back-pressure.
+    pub max_in_flight: usize,
+    /// How often consumed offsets are stored (and so committed).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long a stopping stage waits for in-flight outputs before giving up on them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Most events the recorder writes in one transaction.
+    pub recorder_batch: usize,
+    /// Longest the recorder waits to fill a batch.
+    #[serde(with = "humantime_serde")]
+    pub recorder_linger: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 10_000,
+            commit_interval: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(10),
+            recorder_batch: 1000,
+            recorder_linger: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection and topics.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Audit database.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
+    /// Stage runner limits.
+    #[serde(default)]
+    pub runner: RunnerConfig,
+    /// Telemetry decoding limits.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Feature windows.
+    #[serde(default)]
+    pub features: FeaturesConfig,
+    /// Risk scoring.
+    #[serde(default)]
+    pub scoring: ScoringConfig,
+    /// Allocation policy.
+    #[serde(default)]
+    pub allocator: AllocatorConfig,
+}
+
+/// One configuration problem, with the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key, e.g. `scoring.level`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} configuration error(s):\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+const SECTIONS: [&str; 7] = [
+    "kafka",
+    "postgres",
+    "runner",
+    "ingest",
+    "features",
+    "scoring",
+    "allocator",
+];
+
+impl Config {
+    /// The built-in configuration: a demo-ready scoring setup with thresholds for common metrics.
+    pub fn embedded() -> Self {
+        let mut config = Self::default();
+        config.features.window = Duration::from_secs(5 * 60);
+        config.features.allowed_lateness = Duration::from_secs(60);
+        config.scoring.horizon = Duration::from_secs(2 * 3600);
+        config.scoring.thresholds = ["cpu_pct", "mem_used_pct", "disk_used_pct"]
+            .into_iter()
+            .map(|m| foresight_scoring::Threshold {
+                metric: m.into(),
+                above: Some(97.0),
+                below: None,
+            })
+            .chain([
+                foresight_scoring::Threshold {
+                    metric: "temperature_c".into(),
+                    above: Some(85.0),
+                    below: None,
+                },
+                foresight_scoring::Threshold {
+                    metric: "p99_latency_ms".into(),
+                    above: Some(500.0),
+                    below: None,
+                },
+            ])
+            .collect();
+        config
+    }
+
+    /// Loads embedded defaults, then `file` (if any), then `FORESIGHT_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigErrors> {
+        let mut figment = Figment::from(Serialized::defaults(Self::embedded()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigErrors(vec![ConfigIssue {
+                    key: file.display().to_string(),
+                    message: "file not found".into(),
+                }]));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("FORESIGHT_").split("__"));
+        Self::extract(&figment)
+    }
+
+    /// Extracts each section on its own, so a mistake in one does not hide those in the others.
+    fn extract(figment: &Figment) -> Result<Self, ConfigErrors> {
+        let mut issues = Vec::new();
+        match figment.find_value("") {
+            Ok(figment::value::Value::Dict(_, dict)) => {
+                for key in dict.keys() {
+                    if !SECTIONS.contains(&key.as_str()) {
+                        issues.push(ConfigIssue {
+                            key: key.clone(),
+                            message: format!(
+                                "unknown section; expected one of {}",
+                                SECTIONS.join(", ")
+                            ),
+                        });
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => issues.extend(figment_issues(e, None)),
+        }
+        fn section<T: DeserializeOwned + Default>(
+            figment: &Figment,
+            key: &str,
+            issues: &mut Vec<ConfigIssue>,
+        ) -> T {
+            match figment.extract_inner::<T>(key) {
+                Ok(v) => v,
+                Err(e) => {
+                    issues.extend(figment_issues(e, Some(key)));
+                    T::default()
+                }
+            }
+        }
+        let config = Config {
+            kafka: section(figment, "kafka", &mut issues),
+            postgres: section(figment, "postgres", &mut issues),
+            runner: section(figment, "runner", &mut issues),
+            ingest: section(figment, "ingest", &mut issues),
+            features: section(figment, "features", &mut issues),
+            scoring: section(figment, "scoring", &mut issues),
+            allocator: section(figment, "allocator", &mut issues),
+        };
+        // Values that parsed but cannot work, in the sections that parsed (a section that did not
+        // parse holds defaults, which would only add noise).
+        let unparsed: Vec<String> = issues
+            .iter()
+            .map(|i| i.key.split('.').next().unwrap_or_default().to_owned())
+            .collect();
+        issues.extend(config.semantic_issues().into_iter().filter(|i| {
+            !unparsed
+                .iter()
+                .any(|s| i.key.split('.').next() == Some(s.as_str()))
+        }));
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(issues))
+        }
+    }
+
+    /// Checks values that parse but cannot work.
+    fn semantic_issues(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut add = |key: &str, message: String| {
+            issues.push(ConfigIssue {
+                key: key.into(),
+                message,
+            })
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            add("kafka.brokers", "must name at least one broker".into());
+        }
+        if self.kafka.partitions < 1 {
+            add("kafka.partitions", "must be at least 1".into());
+        }
+        if self.runner.max_in_flight == 0 {
+            add("runner.max_in_flight", "must be at least 1".into());
+        }
+        if self.runner.recorder_batch == 0 {
+            add("runner.recorder_batch", "must be at least 1".into());
+        }
+        if let Err(e) = self.features.validate() {
+            add("features", e.to_string());
+        }
+        for e in self.scoring.validate() {
+            add("scoring", e.to_string());
+        }
+        for e in self.allocator.validate() {
+            add("allocator", e.to_string());
+        }
+        issues
+    }
+}
+
+/// Turns figment's errors into issues keyed by the full dotted path, e.g. `scoring.horizn`.
+fn figment_issues(error: figment::Error, section: Option<&str>) -> Vec<ConfigIssue> {
+    error
+        .into_iter()
+        .map(|e| {
+            // `extract_inner` reports the path within the section, with the section's own key
+            // appended; put the section first instead.
+            let mut path: Vec<String> = e
+                .path
+                .iter()
+                .filter(|p| Some(p.as_str()) != section)
+                .cloned()
+                .collect();
+            if let Some(section) = section {
+                path.insert(0, section.to_owned());
+            }
+            if let figment::error::Kind::UnknownField(field, _) = &e.kind
+                && path.last() != Some(field)
+            {
+                path.push(field.clone());
+            }
+            let key = if path.is_empty() {
+                e.metadata
+                    .as_ref()
+                    .map(|m| m.name.to_string())
+                    .unwrap_or_else(|| "(root)".into())
+            } else {
+                path.join(".")
+            };
+            ConfigIssue {
+                key,
+                message: e.kind.to_string(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigErrors> {
+        let figment =
+            Figment::from(Serialized::defaults(Config::embedded())).merge(Toml::string(toml));
+        Config::extract(&figment)
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        assert!(load_str("").is_ok());
+    }
+
+    #[test]
+    fn reports_every_error_with_its_key() {
+        let err = load_str(
+            r#"
+            bogus = 1
+            [kafka]
+            brokers = 5
+            [features]
+            window = "ten minutes"
+            [runner]
+            max_in_flight = "lots"
+            "#,
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"bogus"), "{err}");
+        assert!(keys.contains(&"kafka.brokers"), "{err}");
+        assert!(keys.contains(&"features.window"), "{err}");
+        assert!(keys.contains(&"runner.max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = load_str("[scoring]\nhorizn = \"1h\"\n").unwrap_err();
+        assert_eq!(err.0[0].key, "scoring.horizn", "{err}");
+        assert!(err.0[0].message.contains("horizn"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_are_reported() {
+        let err = load_str("[scoring]\nlevel = 2.0\n[scoring.bands]\nmoderate = 0.9\nhigh = 0.5\n")
+            .unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's test harness dictates the closure's error type.
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[kafka]\nbrokers = \"file:9092\"\n")?;
+            jail.set_env("FORESIGHT_KAFKA__BROKERS", "env:9092");
+            let config = Config::load(Some(Path::new("f.toml"))).unwrap();
+            assert_eq!(config.kafka.brokers, "env:9092");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,370 @@
+//! `foresight`: predict infrastructure failures and act before they happen.
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::Context as _;
+use chrono::Duration as Delta;
+use clap::{Parser, Subcommand, ValueEnum};
+use foresight::{
+    Config, Stage,
+    demo::{self, FleetSpec},
+    pipeline::InProcess,
+    replay,
+};
+use foresight_events::{EventData, Origin};
+use tokio_util::sync::CancellationToken;
+
+/// Foresight: predicts infrastructure failures from telemetry and decides what to do before they happen.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Embedded defaults apply without one; FORESIGHT_* variables
+    /// override both (e.g. FORESIGHT_KAFKA__BROKERS=host:9092).
+    #[arg(long, short, global = true, env = "FORESIGHT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a fleet with injected degradations, replay it in-process and print what Foresight
+    /// predicted and decided. Needs no broker and no database.
+    Demo {
+        /// Nodes in the fleet.
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Hours of telemetry.
+        #[arg(long, default_value_t = 48)]
+        hours: u32,
+        /// Random seed (same seed, same fleet, same output).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Also write the run's scores, decisions and outcomes to this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run pipeline stages live against Kafka (and Postgres for the recorder) until SIGINT/SIGTERM.
+    Run {
+        /// Stages to run in this process; `all` runs every stage.
+        #[arg(required = true, value_parser = parse_stage)]
+        stages: Vec<StageArg>,
+    },
+    /// Replay native-JSON telemetry files (one message per line) through the pipeline in-process.
+    Replay {
+        /// Input files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Run directory for the outputs.
+        #[arg(long, default_value = "runs/latest")]
+        out: PathBuf,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Create the pipeline's topics on the broker (idempotent).
+    Topics,
+    /// Write the JSON Schemas of the public events.
+    Schema {
+        /// Directory to write them to.
+        #[arg(long, default_value = "docs/schemas")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (plus FORESIGHT_* overrides) and report every error with its key.
+    Check {
+        /// The file (defaults to --config).
+        file: Option<PathBuf>,
+    },
+    /// Print the effective configuration as TOML-compatible JSON.
+    Show,
+}
+
+#[derive(Debug, Clone)]
+enum StageArg {
+    All,
+    One(Stage),
+}
+
+fn parse_stage(s: &str) -> Result<StageArg, String> {
+    if s == "all" {
+        return Ok(StageArg::All);
+    }
+    Stage::from_str(s, true).map(StageArg::One).map_err(|_| {
+        let names: Vec<_> = Stage::ALL.iter().map(|s| s.name()).collect();
+        format!(
+            "unknown stage {s:?}; expected all or one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Config::load(path.map(PathBuf::as_path)).map_err(|e| {
+        anyhow::anyhow!("{e}\nFix the keys above, then run `foresight config check` again.")
+    })
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("Shutdown requested; draining.");
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Demo {
+            nodes,
+            hours,
+            seed,
+            out,
+        } => run_demo(&load(cli.config.as_ref())?, nodes, hours, seed, out),
+        Command::Run { stages } => {
+            let config = load(cli.config.as_ref())?;
+            let stages: Vec<Stage> = if stages.iter().any(|s| matches!(s, StageArg::All)) {
+                Stage::ALL.to_vec()
+            } else {
+                stages
+                    .into_iter()
+                    .filter_map(|s| match s {
+                        StageArg::One(s) => Some(s),
+                        StageArg::All => None,
+                    })
+                    .collect()
+            };
+            let reports = foresight::run_stages(&stages, &config, shutdown_on_signal()).await?;
+            for (stage, r) in reports {
+                println!(
+                    "{}: {} messages, {} events, {} dead letters",
+                    stage.name(),
+                    r.messages,
+                    r.events,
+                    r.dead_letters
+                );
+            }
+            Ok(())
+        }
+        Command::Replay { inputs, out } => {
+            let config = load(cli.config.as_ref())?;
+            let started = Instant::now();
+            let (outputs, records) = replay::replay_files(&config, &inputs)?;
+            let summary = replay::write_run(&out, &outputs, records)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            eprintln!(
+                "Replayed {} records in {:.2?}; outputs in {}.",
+                records,
+                started.elapsed(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let file = file.or(cli.config);
+            let config = load(file.as_ref())?;
+            foresight::pipeline::Processors::new(&config)?;
+            println!(
+                "Configuration OK{}.",
+                file.map(|f| format!(": {}", f.display()))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&load(cli.config.as_ref())?)?
+            );
+            Ok(())
+        }
+        Command::Topics => {
+            let config = load(cli.config.as_ref())?;
+            let topics = foresight::kafka::Topics::new(&config.kafka.topic_prefix);
+            foresight::kafka::create_topics(&config.kafka, &topics)
+                .await
+                .with_context(|| {
+                    format!(
+                        "is the broker at {} up? (deploy/dev/stack.sh up)",
+                        config.kafka.brokers
+                    )
+                })?;
+            for t in topics.all() {
+                println!("{t}");
+            }
+            Ok(())
+        }
+        Command::Schema { out } => {
+            std::fs::create_dir_all(&out)?;
+            for (kind, schema) in foresight_events::public_schemas() {
+                let path = out.join(format!("{kind}.json"));
+                std::fs::write(&path, serde_json::to_string_pretty(&schema)? + "\n")?;
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_demo(
+    config: &Config,
+    nodes: usize,
+    hours: u32,
+    seed: u64,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nodes >= 7,
+        "--nodes must be at least 7 (the demo injects degradations into nodes 3, 5 and 7)"
+    );
+    anyhow::ensure!(hours >= 12, "--hours must be at least 12");
+    let spec = FleetSpec {
+        nodes,
+        hours,
+        seed,
+        ..FleetSpec::default()
+    };
+    let fleet = demo::generate(&spec);
+    println!(
+        "Fleet: {} entities, {} samples over {hours} h; injected: {}.",
+        fleet.entities.len(),
+        fleet.samples.len(),
+        fleet
+            .injected
+            .iter()
+            .map(|(e, d, _)| format!("{e} {d:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = Instant::now();
+    let mut pipeline = InProcess::new(config, false)?;
+    for (i, sample) in fleet.samples.iter().enumerate() {
+        // Through the same JSON ingest as live telemetry.
+        let bytes = serde_json::to_vec(sample)?;
+        pipeline.feed(
+            &bytes,
+            "demo",
+            Origin {
+                partition: 0,
+                offset: i as i64,
+            },
+            None,
+        );
+    }
+    let outputs = pipeline.finish();
+    let elapsed = started.elapsed();
+    println!(
+        "Pipeline: {} samples -> {} scores -> {} decisions -> {} dry-run outcomes, {} dead letters, in {:.1?} ({:.0} samples/s).",
+        outputs.samples,
+        outputs.scores.len(),
+        outputs.decisions.len(),
+        outputs.outcomes.len(),
+        outputs.dead_letters.len(),
+        elapsed,
+        outputs.samples as f64 / elapsed.as_secs_f64()
+    );
+    let lookback = Delta::hours(12);
+    let eval = demo::evaluate(
+        &outputs.scores,
+        &outputs.decisions,
+        &fleet.failures,
+        lookback,
+        fleet.entities.len(),
+        hours as f64 / 24.0,
+    );
+    println!(
+        "\nFailures and how early they were seen (high band within {} h before):",
+        lookback.num_hours()
+    );
+    for c in &eval.catches {
+        let lead = c
+            .lead_time()
+            .map(|d| format!("{}h{:02}m ahead", d.num_hours(), d.num_minutes() % 60))
+            .unwrap_or_else(|| "not predicted".into());
+        let decision = c
+            .first_decision
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "{} ({}, P={:.2} [{:.2}, {:.2}])",
+                    d.action.kind.as_str(),
+                    d.rule,
+                    d.probability,
+                    d.interval[0],
+                    d.interval[1]
+                )
+            })
+            .unwrap_or_else(|| "no decision".into());
+        println!(
+            "  {:<14} {:<18} at {}: {lead}; first decision: {decision}",
+            c.failure.entity,
+            c.failure.kind,
+            c.failure.time.format("%Y-%m-%d %H:%M")
+        );
+    }
+    println!(
+        "\nFalse alarms: {} decisions about entities that did not fail ({:.2} per entity per day).",
+        eval.false_alarm_decisions, eval.false_alarms_per_entity_day
+    );
+    if let Some(d) = outputs.decisions.first() {
+        println!(
+            "\nExample decision {}:\n{}",
+            d.id(),
+            serde_json::to_string_pretty(d)?
+        );
+    }
+    if let Some(dir) = out {
+        replay::write_run(&dir, &outputs, fleet.samples.len() as u64)?;
+        println!("\nOutputs written to {}.", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! End to end against the real broker (tansu, over the Kafka protocol) and the real Postgres.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Duration as Delta, DurationRound as _, Utc};
+use foresight::{Config, Stage, kafka::Topics, pipeline::InProcess};
+use foresight_events::{
+    ActuationOutcome, DeadLetter, Decision, Event, EventData, EventId, Origin, RiskScore,
+};
+use foresight_tests::{TestDb, config, eventually, produce, producer, read_all, tag};
+use tokio_util::sync::CancellationToken;
+
+/// Telemetry for two nodes over 40 minutes: node-a's disk fills toward its 97 % limit, node-b's is
+/// steady. Plus two poison records. Returns (key, payload) in production order.
+fn telemetry(end: DateTime<Utc>) -> Vec<(String, Vec<u8>)> {
+    let start = end - Delta::minutes(40);
+    let mut records = Vec::new();
+    for minute in 0..40 {
+        let t = start + Delta::minutes(minute);
+        let wiggle = ((minute * 7919) % 13) as f64 / 13.0 - 0.5;
+        for (entity, value) in [
+            ("node-a", 50.0 + 1.1 * minute as f64 + wiggle),
+            ("node-b", 40.0 + wiggle),
+        ] {
+            let sample = serde_json::json!({
+                "entity": entity, "metric": "disk_used_pct", "time": t.to_rfc3339(), "value": value,
+            });
+            records.push((entity.to_owned(), serde_json::to_vec(&sample).unwrap()));
+        }
+        if minute == 10 {
+            records.push((
+                "node-a".into(),
+                b"{\"entity\":\"node-a\",\"metric\":\"disk_used_pct\"".to_vec(),
+            ));
+            records.push((
+                "node-b".into(),
+                br#"{"entity":"node-b","metric":"disk_used_pct","time":0,"value":"NaN"}"#.to_vec(),
+            ));
+        }
+    }
+    records
+}
+
+fn test_config(prefix: &str, db: &TestDb) -> Config {
+    let mut c = config(prefix, db);
+    c.features.window = Duration::from_secs(60);
+    c.features.allowed_lateness = Duration::from_secs(0);
+    c.scoring.horizon = Duration::from_secs(20 * 60);
+    c.scoring.min_history = 10;
+    c
+}
+
+/// What the in-process pipeline produces for the same input, without the end-of-input flush
+/// (the live pipeline never sees an end of input).
+fn expected(config: &Config, records: &[(String, Vec<u8>)]) -> foresight::pipeline::Outputs {
+    let mut p = InProcess::new(config, true).unwrap();
+    for (i, (_, bytes)) in records.iter().enumerate() {
+        p.feed(
+            bytes,
+            "t",
+            Origin {
+                partition: 0,
+                offset: i as i64,
+            },
+            None,
+        );
+    }
+    p.into_outputs()
+}
+
+async fn count(pool: &sqlx::PgPool, view: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {view}")))
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+async fn ids(pool: &sqlx::PgPool, view: &str) -> anyhow::Result<BTreeSet<EventId>> {
+    let rows: Vec<uuid::Uuid> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id FROM {view}")))
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(EventId).collect())
+}
+
+fn decode<T: EventData>(topic: &str) -> anyhow::Result<Vec<T>> {
+    read_all(topic, Duration::from_secs(3), Duration::from_secs(30))?
+        .into_iter()
+        .map(|m| Ok(Event::<T>::from_json(&m.payload)?.data))
+        .collect()
+}
+
+/// Runs `stages` until `done` holds, then stops them gracefully and returns.
+async fn run_until<F, Fut>(
+    stages: &[Stage],
+    config: &Config,
+    what: &str,
+    done: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<()>>>,
+{
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn({
+        let (stages, config, shutdown) = (stages.to_vec(), config.clone(), shutdown.clone());
+        async move { foresight::run_stages(&stages, &config, shutdown).await }
+    });
+    let waited = eventually(what, Duration::from_secs(90), done).await;
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), handle)
+        .await
+        .context("stages did not stop")??;
+    waited?;
+    stopped?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_to_decision_to_audit_row_exactly_once() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let prefix = format!("e2e-{}", tag());
+    let config = test_config(&prefix, &db);
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    foresight::kafka::create_topics(&config.kafka, &topics).await?;
+
+    let now = Utc::now().duration_trunc(Delta::minutes(1))?;
+    let records = telemetry(now - Delta::minutes(1));
+    let want = expected(&config, &records);
+    assert!(
+        want.decisions.iter().any(|d| d.entity.as_str() == "node-a"),
+        "the scenario must produce a decision: {:?}",
+        want.scores.last()
+    );
+    assert!(
+        want.decisions.iter().all(|d| d.entity.as_str() == "node-a"),
+        "node-b is healthy"
+    );
+    let want_decisions: BTreeSet<EventId> = want.decisions.iter().map(EventData::id).collect();
+    let want_outcomes: BTreeSet<EventId> = want.outcomes.iter().map(EventData::id).collect();
+    let want_scores: BTreeSet<EventId> = want.scores.iter().map(EventData::id).collect();
+
+    produce(&producer()?, &topics.metrics, &records).await?;
+    let pool = db.pool().await?;
+    foresight::db::MIGRATOR.run(&pool).await?;
+
+    // 1. The whole pipeline, live: decisions on the topic, rows in Postgres.
+    run_until(
+        &Stage::ALL,
+        &config,
+        "decisions and outcomes in Postgres",
+        || {
+            let pool = pool.clone();
+            let (d, o, s) = (
+                want_decisions.len() as i64,
+                want_outcomes.len() as i64,
+                want_scores.len() as i64,
+            );
+            async move {
+                let done = count(&pool, "decisions").await? == d
+                    && count(&pool, "outcomes").await? == o
+                    && count(&pool, "scores").await? == s;
+                Ok(done.then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    let live_decisions: Vec<Decision> = decode(&topics.decisions)?;
+    let live_ids: BTreeSet<EventId> = live_decisions.iter().map(EventData::id).collect();
+    assert_eq!(
+        live_ids, want_decisions,
+        "live and in-process decisions differ"
+    );
+    assert_eq!(
+        live_decisions.len(),
+        want_decisions.len(),
+        "a decision was published twice"
+    );
+    for d in &want.decisions {
+        let live = live_decisions.iter().find(|l| l.id() == d.id()).unwrap();
+        assert_eq!(live, d, "same id, same content");
+    }
+    let live_scores: Vec<RiskScore> = decode(&topics.scores)?;
+    assert_eq!(
+        live_scores
+            .iter()
+            .map(EventData::id)
+            .collect::<BTreeSet<_>>(),
+        want_scores
+    );
+    assert_eq!(ids(&pool, "decisions").await?, want_decisions);
+    assert_eq!(ids(&pool, "outcomes").await?, want_outcomes);
+
+    // Poison records: dead letters with the original bytes and the reason in headers.
+    let dead = read_all(
+        &topics.dead_letters,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    )?;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for m in &dead {
+        let dl = DeadLetter::from_headers(
+            m.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+            m.key.clone(),
+            m.payload.clone(),
+        )
+        .context("dead letter headers")?;
+        assert_eq!(dl.source_topic, topics.metrics);
+        assert!(
+            records.iter().any(|(_, p)| *p == m.payload),
+            "original bytes kept"
+        );
+        assert!(!dl.reason.is_empty());
+    }
+    let classes: BTreeSet<&str> = dead
+        .iter()
+        .map(|m| m.headers["foresight.dlq.error_class"].as_str())
+        .collect();
+    assert_eq!(classes, BTreeSet::from(["invalid_value", "undecodable"]));
+
+    // 2. Restart over the same input (same consumer groups): nothing is produced or recorded twice.
+    let decisions_before = count(&pool, "events").await?;
+    let started = std::time::Instant::now();
+    run_until(&Stage::ALL, &config, "a quiet restart", || {
+        let elapsed = started.elapsed();
+        async move { Ok((elapsed > Duration::from_secs(8)).then_some(())) }
+    })
+    .await?;
+    assert_eq!(
+        count(&pool, "events").await?,
+        decisions_before,
+        "rows were added on restart"
+    );
+    assert_eq!(
+        decode::<Decision>(&topics.decisions)?.len(),
+        want_decisions.len(),
+        "decisions republished on restart"
+    );
+    assert_eq!(
+        decode::<ActuationOutcome>(&topics.outcomes)?.len(),
+        want_outcomes.len(),
+        "outcomes republished on restart"
+    );
+
+    // 3. Reprocess everything from offset 0 (fresh consumer groups): the same ids again, and the
+    // audit log, keyed by id, records nothing twice.
+    let mut again = config.clone();
+    again.kafka.group_prefix = format!("{prefix}-again-");
+    let decisions_topic = topics.decisions.clone();
+    let n = want_decisions.len();
+    run_until(&Stage::ALL, &again, "a full reprocess", || {
+        let topic = decisions_topic.clone();
+        async move {
+            let seen = read_all(&topic, Duration::from_millis(500), Duration::from_secs(5))?.len();
+            Ok((seen >= 2 * n).then_some(()))
+        }
+    })
+    .await?;
+    let all: Vec<Decision> = decode(&topics.decisions)?;
+    assert_eq!(
+        all.iter().map(EventData::id).collect::<BTreeSet<_>>(),
+        want_decisions,
+        "reprocessing made other ids"
+    );
+    assert_eq!(count(&pool, "decisions").await?, n as i64);
+    assert_eq!(count(&pool, "events").await?, decisions_before);
+    let dup: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT id FROM events GROUP BY id HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(dup, 0);
+
+    pool.close().await;
+    db.drop_db().await
+}
+
+/// An input's offset must not be stored until its outputs are acknowledged. The features stage
+/// first runs with a producer that cannot deliver its outputs (every message is over its size
+/// limit), so it fails after reading input; then the pipeline runs normally. Had offsets been
+/// stored on receipt, the first run would have committed past the failed outputs and the windows
+/// (and so the decisions) they carried would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_wait_for_outputs() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let prefix = format!("ack-{}", tag());
+    let config = test_config(&prefix, &db);
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    foresight::kafka::create_topics(&config.kafka, &topics).await?;
+    let now = Utc::now().duration_trunc(Delta::minutes(1))?;
+    let records = telemetry(now - Delta::minutes(1));
+    let want = expected(&config, &records);
+    produce(&producer()?, &topics.metrics, &records).await?;
+
+    let mut broken = config.clone();
+    broken
+        .kafka
+        .producer
+        .insert("message.max.bytes".into(), "1000".into());
+    let result = foresight::run_stages(&[Stage::Features], &broken, CancellationToken::new()).await;
+    let error = format!(
+        "{:#}",
+        result.expect_err("outputs cannot be delivered, so the stage must fail")
+    );
+    assert!(error.contains("not delivered"), "{error}");
+    let delivered = read_all(
+        &topics.features,
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    )?
+    .len();
+    assert!(
+        delivered < want.windows.len(),
+        "{delivered} of {} windows delivered",
+        want.windows.len()
+    );
+
+    let pool = db.pool().await?;
+    foresight::db::MIGRATOR.run(&pool).await?;
+    let n = want.decisions.len() as i64;
+    assert!(n > 0);
+    run_until(
+        &Stage::ALL,
+        &config,
+        "every decision after the failed run",
+        || {
+            let pool = pool.clone();
+            async move { Ok((count(&pool, "decisions").await? == n).then_some(())) }
+        },
+    )
+    .await?;
+    assert_eq!(
+        ids(&pool, "decisions").await?,
+        want.decisions.iter().map(EventData::id).collect()
+    );
+    pool.close().await;
+    db.drop_db().await
+}
