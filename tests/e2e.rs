@@ -274,6 +274,22 @@ async fn telemetry_to_decision_to_audit_row_exactly_once() -> anyhow::Result<()>
     .await?;
     assert_eq!(dup, 0);
 
+    // Every query of the SQL cookbook runs against this populated audit log.
+    let cookbook = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/sql.md"))?;
+    let queries: Vec<&str> = cookbook
+        .split("```sql")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert!(queries.len() >= 5);
+    for q in queries {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q.replace("'node-03'", "'node-a'")))
+            .fetch_all(&pool)
+            .await
+            .with_context(|| format!("cookbook query failed:\n{q}"))?;
+        assert!(!rows.is_empty(), "cookbook query returned nothing:\n{q}");
+    }
+
     pool.close().await;
     db.drop_db().await
 }

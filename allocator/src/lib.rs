@@ -42,7 +42,7 @@ pub struct Rule {
     /// Fires for scores in this band or above.
     pub min_band: Band,
     /// And (optionally) at least this probability.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_probability: Option<f64>,
     /// What to do.
     pub action: ActionKind,

@@ -91,7 +91,13 @@ impl<'de> Deserialize<'de> for EntityId {
 /// The public event kinds, for schema generation and docs: (kind, JSON Schema of its envelope).
 pub fn public_schemas() -> Vec<(&'static str, schemars::Schema)> {
     fn one<T: EventData>() -> (&'static str, schemars::Schema) {
-        (T::KIND, schemars::schema_for!(Event<T>))
+        let mut schema = schemars::schema_for!(Event<T>);
+        schema.insert("$id".into(), T::data_schema().into());
+        schema.insert(
+            "title".into(),
+            format!("{} (schema version {})", T::event_type(), T::VERSION).into(),
+        );
+        (T::KIND, schema)
     }
     vec![
         one::<MetricSample>(),

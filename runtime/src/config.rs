@@ -300,6 +300,46 @@ impl Config {
 }
 
 /// Turns figment's errors into issues keyed by the full dotted path, e.g. `scoring.horizn`.
+/// A URL with its password (and any query string, which may carry one) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, _)) => (b, "?***"),
+        None => (url, ""),
+    };
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return format!("{base}{query}");
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{path}{query}")
+}
+
+impl Config {
+    /// The configuration with secrets replaced by `***`, for printing and logging.
+    pub fn redacted(&self) -> Self {
+        let mut c = self.clone();
+        c.postgres.url = redact_url(&c.postgres.url);
+        for props in [
+            &mut c.kafka.client,
+            &mut c.kafka.consumer,
+            &mut c.kafka.producer,
+        ] {
+            for (k, v) in props.iter_mut() {
+                if k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") {
+                    *v = "***".into();
+                }
+            }
+        }
+        c
+    }
+}
+
 fn figment_issues(error: figment::Error, section: Option<&str>) -> Vec<ConfigIssue> {
     error
         .into_iter()
@@ -349,6 +389,26 @@ mod tests {
     #[test]
     fn embedded_defaults_are_valid() {
         assert!(load_str("").is_ok());
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/foresight.toml");
+        let example = load_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(example, Config::embedded());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:s3cret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?password=x"),
+            "postgres://h/db?***"
+        );
     }
 
     #[test]

@@ -94,7 +94,11 @@ mod tests {
             let path = dir.join(format!("{kind}.json"));
             let published = std::fs::read_to_string(&path).unwrap_or_default();
             let current = serde_json::to_string_pretty(&schema).unwrap() + "\n";
-            assert!(published == current, "{} is stale: run `cargo run -- schema`", path.display());
+            assert!(
+                published == current,
+                "{} is stale: run `cargo run -- schema`",
+                path.display()
+            );
         }
     }
 }

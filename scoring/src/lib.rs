@@ -68,10 +68,10 @@ pub struct Threshold {
     /// The metric name.
     pub metric: String,
     /// Failure when the metric goes above this value.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub above: Option<f64>,
     /// Failure when the metric goes below this value.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub below: Option<f64>,
 }
 
