@@ -132,27 +132,26 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn shutdown_on_signal() -> CancellationToken {
+/// One shutdown signal for the whole process: SIGINT or SIGTERM cancel the token every stage watches.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     let token = CancellationToken::new();
+    // Install the handlers now, before any work starts, so an early signal is not lost.
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("Shutdown requested; draining.");
         t.cancel();
     });
-    token
+    Ok(token)
 }
 
 #[tokio::main]
@@ -179,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
                     })
                     .collect()
             };
-            let reports = foresight::run_stages(&stages, &config, shutdown_on_signal()).await?;
+            let reports = foresight::run_stages(&stages, &config, shutdown_on_signal()?).await?;
             for (stage, r) in reports {
                 println!(
                     "{}: {} messages, {} events, {} dead letters",
