@@ -60,6 +60,7 @@ fn expected(config: &Config, records: &[(String, Vec<u8>)]) -> foresight::pipeli
             bytes,
             "t",
             Origin {
+                input: 0,
                 partition: 0,
                 offset: i as i64,
             },

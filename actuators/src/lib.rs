@@ -18,7 +18,7 @@
 //!     alternatives: vec![],
 //! };
 //! let mut out = Vec::new();
-//! DryRun.process(decision, Origin { partition: 0, offset: 0 }, &mut out);
+//! DryRun.process(decision, Origin { input: 0, partition: 0, offset: 0 }, &mut out);
 //! assert!(matches!(&out[0], Output::Event(o) if o.status == OutcomeStatus::DryRun));
 //! ```
 

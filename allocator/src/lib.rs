@@ -19,7 +19,7 @@
 //!     contributors: vec![], method: ScoreMethod::Prior, model_version: "prior".into(),
 //! };
 //! let mut out = Vec::new();
-//! allocator.process(score, Origin { partition: 0, offset: 0 }, &mut out);
+//! allocator.process(score, Origin { input: 0, partition: 0, offset: 0 }, &mut out);
 //! let Output::Event(decision) = &out[0] else { panic!() };
 //! assert_eq!(decision.rule, "migrate-high-risk");
 //! ```
@@ -333,6 +333,7 @@ mod tests {
         a.process(
             s,
             Origin {
+                input: 0,
                 partition: 0,
                 offset: 0,
             },

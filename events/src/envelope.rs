@@ -197,3 +197,32 @@ impl<T: EventData> Event<T> {
         Ok(event)
     }
 }
+
+/// A message ready for Kafka: which of the stage's output topics, its key, its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    /// Index of the output topic among the stage's outputs.
+    pub route: usize,
+    /// Message key: the entity id.
+    pub key: String,
+    /// The CloudEvents JSON envelope.
+    pub payload: Vec<u8>,
+}
+
+/// A stage output that knows which of the stage's output topics it goes to.
+pub trait Routed {
+    /// Wraps the output in its envelope, stamped with `source`.
+    fn into_message(self, source: &str) -> OutgoingMessage;
+}
+
+impl<T: EventData> Routed for T {
+    /// Single-output stages: every event goes to output 0.
+    fn into_message(self, source: &str) -> OutgoingMessage {
+        let event = Event::new(source, self);
+        OutgoingMessage {
+            route: 0,
+            key: event.subject.as_str().to_owned(),
+            payload: event.to_json(),
+        }
+    }
+}

@@ -15,12 +15,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use dead_letter::{DeadLetter, ErrorClass};
-pub use envelope::{CLOUDEVENTS_CONTENT_TYPE, EnvelopeError, Event, EventData, EventId};
-pub use stage::{Origin, Output, Processor, Rejection};
+pub use envelope::{
+    CLOUDEVENTS_CONTENT_TYPE, EnvelopeError, Event, EventData, EventId, OutgoingMessage, Routed,
+};
+pub use stage::{InputPartition, Origin, Output, Processor, Rejection};
 pub use types::{
-    Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, FailureReport,
-    FeatureWindow, LogEvent, MetricSample, MetricStats, OutcomeStatus, RiskScore, ScoreMethod,
-    Severity,
+    Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
+    FailureReport, FeatureWindow, LogEvent, LogStats, MetricSample, MetricStats, OutcomeStatus,
+    RiskScore, ScoreMethod, Severity, Telemetry,
 };
 
 /// Longest entity id accepted.
@@ -107,6 +109,7 @@ pub fn public_schemas() -> Vec<(&'static str, schemars::Schema)> {
         one::<Decision>(),
         one::<ActuationOutcome>(),
         one::<FailureReport>(),
+        one::<DependencyEdge>(),
         ("dead_letter", schemars::schema_for!(DeadLetter)),
     ]
 }
@@ -185,7 +188,7 @@ mod tests {
     #[test]
     fn every_public_kind_has_a_schema() {
         let schemas = public_schemas();
-        assert_eq!(schemas.len(), 8);
+        assert_eq!(schemas.len(), 9);
         for (kind, schema) in schemas {
             let text = serde_json::to_string(&schema).unwrap();
             assert!(text.contains("properties"), "{kind}");

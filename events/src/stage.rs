@@ -6,13 +6,35 @@
 
 use crate::ErrorClass;
 
-/// Where an input came from: partition and offset live, or 0 and the record number in replay.
+/// Where an input came from: which of the stage's inputs (topic, or file in replay), which
+/// partition, which offset (or record number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Origin {
-    /// Partition of the input topic.
+    /// Index of the input among the stage's inputs.
+    pub input: u16,
+    /// Partition of the input topic (0 for files).
     pub partition: i32,
-    /// Offset within the partition.
+    /// Offset within the partition (record number for files).
     pub offset: i64,
+}
+
+impl Origin {
+    /// The input partition this origin is in.
+    pub fn source(&self) -> InputPartition {
+        InputPartition {
+            input: self.input,
+            partition: self.partition,
+        }
+    }
+}
+
+/// One partition of one of a stage's inputs: the unit offsets are tracked and state is owned by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InputPartition {
+    /// Index of the input among the stage's inputs.
+    pub input: u16,
+    /// Partition number.
+    pub partition: i32,
 }
 
 /// Why a stage refused an input; the runtime turns it into a dead letter carrying the input's bytes.
@@ -53,10 +75,10 @@ pub trait Processor {
     /// Processes one input, appending what it produces to `out`, in a deterministic order.
     fn process(&mut self, input: Self::Input, origin: Origin, out: &mut Vec<Output<Self::Output>>);
 
-    /// The earliest input offset of `partition` whose effect is still held only in the processor's
-    /// open state (e.g. a window not yet emitted). The runtime never stores an offset past it, so a
+    /// The earliest offset of `source` whose effect is still held only in the processor's open
+    /// state (e.g. a window not yet emitted). The runtime never stores an offset past it, so a
     /// restart re-reads what open state would otherwise lose. `None`: nothing is held.
-    fn retained_from(&self, _partition: i32) -> Option<i64> {
+    fn retained_from(&self, _source: InputPartition) -> Option<i64> {
         None
     }
 
@@ -64,5 +86,5 @@ pub trait Processor {
     fn flush(&mut self, _out: &mut Vec<Output<Self::Output>>) {}
 
     /// The partition was revoked from this instance: drop the state that came from it.
-    fn forget_partition(&mut self, _partition: i32) {}
+    fn forget_partition(&mut self, _source: InputPartition) {}
 }

@@ -133,6 +133,16 @@ pub struct MetricStats {
     pub gap_windows: u64,
 }
 
+/// Counts of one entity's log records within one window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogStats {
+    /// Records in the window.
+    pub count: u64,
+    /// Records per severity.
+    pub by_severity: BTreeMap<Severity, u64>,
+}
+
 /// The features of one entity over one event-time window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +155,9 @@ pub struct FeatureWindow {
     pub end: DateTime<Utc>,
     /// Statistics per metric that had samples in the window.
     pub metrics: BTreeMap<String, MetricStats>,
+    /// Log counts, when the entity logged in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogStats>,
 }
 
 impl EventData for FeatureWindow {
@@ -519,4 +532,59 @@ impl EventData for FailureReport {
             ],
         )
     }
+}
+
+/// Calls from one service to another seen in trace spans: an edge of the dependency graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DependencyEdge {
+    /// The calling service (the entity of the edge).
+    pub caller: EntityId,
+    /// The called service (or peer: database, queue, host).
+    pub callee: EntityId,
+    /// End of the latest call counted.
+    pub time: DateTime<Utc>,
+    /// Calls counted.
+    pub calls: u64,
+    /// Calls that failed (span status error).
+    pub errors: u64,
+    /// Sum of call latencies, in milliseconds.
+    pub latency_ms_sum: f64,
+    /// Longest call, in milliseconds.
+    pub latency_ms_max: f64,
+}
+
+impl EventData for DependencyEdge {
+    const KIND: &'static str = "dependency_edge";
+    const VERSION: u32 = 1;
+    fn entity(&self) -> &EntityId {
+        &self.caller
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn id(&self) -> EventId {
+        EventId::derive(
+            Self::KIND,
+            &[
+                self.caller.as_str().as_bytes(),
+                self.callee.as_str().as_bytes(),
+                &millis(&self.time),
+                &self.calls.to_le_bytes(),
+                &self.errors.to_le_bytes(),
+                &self.latency_ms_sum.to_bits().to_le_bytes(),
+            ],
+        )
+    }
+}
+
+/// Telemetry as ingest normalises it: what the feature stage consumes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Telemetry {
+    /// A metric sample.
+    Sample(MetricSample),
+    /// A log record.
+    Log(LogEvent),
+    /// Calls between services, from trace spans.
+    Edge(DependencyEdge),
 }

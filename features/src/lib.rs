@@ -7,8 +7,8 @@
 //!
 //! ```
 //! use chrono::{DateTime, Utc};
-//! use foresight_events::{EntityId, MetricSample, Origin, Output, Processor};
-//! use foresight_features::{FeaturesConfig, WindowProcessor};
+//! use foresight_events::{EntityId, MetricSample, Origin, Output, Processor, Telemetry};
+//! use foresight_features::{FeaturesConfig, FeaturesOutput, WindowProcessor};
 //!
 //! let mut windows = WindowProcessor::new(FeaturesConfig::default()).unwrap();
 //! let mut out = Vec::new();
@@ -20,12 +20,12 @@
 //!         value: minute as f64,
 //!         labels: Default::default(),
 //!     };
-//!     windows.process(sample, Origin { partition: 0, offset: i as i64 }, &mut out);
+//!     windows.process(Telemetry::Sample(sample), Origin { input: 0, partition: 0, offset: i as i64 }, &mut out);
 //! }
 //! // One-minute windows, 30 s allowed lateness: the sample at minute 2 moves the watermark to
 //! // 1:30, which closes the window of minute 0 only.
 //! assert_eq!(out.len(), 1);
-//! assert!(matches!(&out[0], Output::Event(w) if w.metrics["cpu"].mean == 0.0));
+//! assert!(matches!(&out[0], Output::Event(FeaturesOutput::Window(w)) if w.metrics["cpu"].mean == 0.0));
 //! ```
 
 use std::{
@@ -35,8 +35,9 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
-    EntityId, ErrorClass, FeatureWindow, MetricSample, MetricStats, Origin, Output, Processor,
-    Rejection,
+    DependencyEdge, EntityId, ErrorClass, Event, EventData, FeatureWindow, InputPartition,
+    LogEvent, LogStats, MetricSample, MetricStats, Origin, OutgoingMessage, Output, Processor,
+    Rejection, Routed, Telemetry,
 };
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,7 @@ impl Accumulator {
 #[derive(Debug, Default)]
 struct OpenWindow {
     metrics: BTreeMap<String, Accumulator>,
+    logs: Option<LogStats>,
     /// Earliest input offset folded into this window: it must be re-read if the window is lost.
     first_offset: i64,
 }
@@ -148,7 +150,7 @@ struct MetricHistory {
 
 #[derive(Debug)]
 struct EntityState {
-    partition: i32,
+    source: InputPartition,
     /// Latest sample time seen (ms).
     max_time: i64,
     /// End (ms) of the latest closed window: samples before it are late.
@@ -190,7 +192,7 @@ impl WindowProcessor {
         state: &mut EntityState,
         start: i64,
         window: OpenWindow,
-        out: &mut Vec<Output<FeatureWindow>>,
+        out: &mut Vec<Output<FeaturesOutput>>,
     ) {
         let mut metrics = BTreeMap::new();
         for (name, acc) in window.metrics {
@@ -219,12 +221,13 @@ impl WindowProcessor {
             );
         }
         state.closed_until = state.closed_until.max(start + window_ms);
-        out.push(Output::Event(FeatureWindow {
+        out.push(Output::Event(FeaturesOutput::Window(FeatureWindow {
             entity: entity.clone(),
             start: ms_to_time(start),
             end: ms_to_time(start + window_ms),
             metrics,
-        }));
+            logs: window.logs,
+        })));
     }
 }
 
@@ -232,37 +235,79 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).expect("window bounds come from valid sample times")
 }
 
-impl Processor for WindowProcessor {
-    type Input = MetricSample;
-    type Output = FeatureWindow;
+/// What the feature stage emits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeaturesOutput {
+    /// A closed window (to the features topic).
+    Window(FeatureWindow),
+    /// Calls between services, passed on for the dependency graph (to the dependencies topic).
+    Edge(DependencyEdge),
+}
 
-    fn process(
-        &mut self,
-        sample: MetricSample,
-        origin: Origin,
-        out: &mut Vec<Output<FeatureWindow>>,
-    ) {
-        let t = sample.time.timestamp_millis();
+impl FeaturesOutput {
+    /// The window, if this is one.
+    pub fn window(&self) -> Option<&FeatureWindow> {
+        match self {
+            FeaturesOutput::Window(w) => Some(w),
+            FeaturesOutput::Edge(_) => None,
+        }
+    }
+}
+
+impl Routed for FeaturesOutput {
+    /// Windows go to output 0 (features), edges to output 1 (dependencies).
+    fn into_message(self, source: &str) -> OutgoingMessage {
+        match self {
+            FeaturesOutput::Window(w) => w.into_message(source),
+            FeaturesOutput::Edge(e) => {
+                let key = e.entity().as_str().to_owned();
+                OutgoingMessage {
+                    route: 1,
+                    key,
+                    payload: Event::new(source, e).to_json(),
+                }
+            }
+        }
+    }
+}
+
+/// One timestamped record to fold into an entity's window.
+enum Record {
+    Sample(MetricSample),
+    Log(LogEvent),
+}
+
+impl WindowProcessor {
+    fn fold(&mut self, record: Record, origin: Origin, out: &mut Vec<Output<FeaturesOutput>>) {
+        let (entity, time) = match &record {
+            Record::Sample(s) => (&s.entity, s.time),
+            Record::Log(l) => (&l.entity, l.time),
+        };
+        let t = time.timestamp_millis();
         let start = t.div_euclid(self.window_ms) * self.window_ms;
-        let state = self
-            .entities
-            .entry(sample.entity.clone())
-            .or_insert_with(|| EntityState {
-                partition: origin.partition,
-                max_time: i64::MIN,
-                closed_until: i64::MIN,
-                open: BTreeMap::new(),
-                history: HashMap::new(),
-            });
-        state.partition = origin.partition;
+        let state = match self.entities.get_mut(entity) {
+            Some(state) => state,
+            None => self
+                .entities
+                .entry(entity.clone())
+                .or_insert_with(|| EntityState {
+                    source: origin.source(),
+                    max_time: i64::MIN,
+                    closed_until: i64::MIN,
+                    open: BTreeMap::new(),
+                    history: HashMap::new(),
+                }),
+        };
+        state.source = origin.source();
         if start < state.closed_until {
+            let what = match &record {
+                Record::Sample(s) => format!("sample of {}/{}", s.entity, s.metric),
+                Record::Log(l) => format!("log record of {}", l.entity),
+            };
             out.push(Output::Rejected(Rejection::new(
                 ErrorClass::Late,
                 format!(
-                    "sample of {}/{} at {} arrived after its window closed (allowed lateness {})",
-                    sample.entity,
-                    sample.metric,
-                    sample.time,
+                    "{what} at {time} arrived after its window closed (allowed lateness {})",
                     humantime::format_duration(self.config.allowed_lateness)
                 ),
             )));
@@ -270,17 +315,29 @@ impl Processor for WindowProcessor {
         }
         let window = state.open.entry(start).or_insert_with(|| OpenWindow {
             metrics: BTreeMap::new(),
+            logs: None,
             first_offset: origin.offset,
         });
         window.first_offset = window.first_offset.min(origin.offset);
-        match window.metrics.get_mut(&sample.metric) {
-            Some(acc) => acc.add(sample.value, t),
-            None => {
-                window
-                    .metrics
-                    .insert(sample.metric, Accumulator::new(sample.value, t));
+        let entity = match record {
+            Record::Sample(sample) => {
+                match window.metrics.get_mut(&sample.metric) {
+                    Some(acc) => acc.add(sample.value, t),
+                    None => {
+                        window
+                            .metrics
+                            .insert(sample.metric, Accumulator::new(sample.value, t));
+                    }
+                }
+                sample.entity
             }
-        }
+            Record::Log(log) => {
+                let stats = window.logs.get_or_insert_with(LogStats::default);
+                stats.count += 1;
+                *stats.by_severity.entry(log.severity).or_default() += 1;
+                log.entity
+            }
+        };
         state.max_time = state.max_time.max(t);
         let watermark = state.max_time.saturating_sub(self.lateness_ms);
         while let Some(entry) = state.open.first_entry() {
@@ -291,7 +348,7 @@ impl Processor for WindowProcessor {
             Self::close(
                 &self.config,
                 self.window_ms,
-                &sample.entity,
+                &entity,
                 state,
                 start,
                 window,
@@ -299,16 +356,30 @@ impl Processor for WindowProcessor {
             );
         }
     }
+}
 
-    fn retained_from(&self, partition: i32) -> Option<i64> {
+impl Processor for WindowProcessor {
+    type Input = Telemetry;
+    type Output = FeaturesOutput;
+
+    fn process(&mut self, input: Telemetry, origin: Origin, out: &mut Vec<Output<FeaturesOutput>>) {
+        match input {
+            Telemetry::Sample(s) => self.fold(Record::Sample(s), origin, out),
+            Telemetry::Log(l) => self.fold(Record::Log(l), origin, out),
+            // Edges are aggregated per message by ingest; the graph is built downstream.
+            Telemetry::Edge(e) => out.push(Output::Event(FeaturesOutput::Edge(e))),
+        }
+    }
+
+    fn retained_from(&self, source: InputPartition) -> Option<i64> {
         self.entities
             .values()
-            .filter(|s| s.partition == partition)
+            .filter(|s| s.source == source)
             .flat_map(|s| s.open.values().map(|w| w.first_offset))
             .min()
     }
 
-    fn flush(&mut self, out: &mut Vec<Output<FeatureWindow>>) {
+    fn flush(&mut self, out: &mut Vec<Output<FeaturesOutput>>) {
         let mut entities: Vec<_> = self.entities.iter_mut().collect();
         entities.sort_by(|a, b| a.0.cmp(b.0));
         for (entity, state) in entities {
@@ -326,8 +397,8 @@ impl Processor for WindowProcessor {
         }
     }
 
-    fn forget_partition(&mut self, partition: i32) {
-        self.entities.retain(|_, s| s.partition != partition);
+    fn forget_partition(&mut self, source: InputPartition) {
+        self.entities.retain(|_, s| s.source != source);
     }
 }
 
@@ -345,13 +416,14 @@ mod tests {
         }
     }
 
-    fn run(samples: Vec<MetricSample>) -> Vec<Output<FeatureWindow>> {
+    fn run(samples: Vec<MetricSample>) -> Vec<Output<FeaturesOutput>> {
         let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
         let mut out = Vec::new();
         for (i, s) in samples.into_iter().enumerate() {
             p.process(
-                s,
+                Telemetry::Sample(s),
                 Origin {
+                    input: 0,
                     partition: 0,
                     offset: i as i64,
                 },
@@ -362,10 +434,10 @@ mod tests {
         out
     }
 
-    fn windows(out: &[Output<FeatureWindow>]) -> Vec<&FeatureWindow> {
+    fn windows(out: &[Output<FeaturesOutput>]) -> Vec<&FeatureWindow> {
         out.iter()
             .filter_map(|o| match o {
-                Output::Event(w) => Some(w),
+                Output::Event(w) => w.window(),
                 Output::Rejected(_) => None,
             })
             .collect()
@@ -447,8 +519,9 @@ mod tests {
         let mut out = Vec::new();
         for i in 0..10 {
             p.process(
-                sample("a", "cpu", i * 60, i as f64),
+                Telemetry::Sample(sample("a", "cpu", i * 60, i as f64)),
                 Origin {
+                    input: 0,
                     partition: 0,
                     offset: i,
                 },
@@ -465,37 +538,105 @@ mod tests {
         let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
         let mut out = Vec::new();
         p.process(
-            sample("a", "cpu", 0, 1.0),
+            Telemetry::Sample(sample("a", "cpu", 0, 1.0)),
             Origin {
+                input: 0,
                 partition: 2,
                 offset: 10,
             },
             &mut out,
         );
         p.process(
-            sample("a", "cpu", 30, 1.0),
+            Telemetry::Sample(sample("a", "cpu", 30, 1.0)),
             Origin {
+                input: 0,
                 partition: 2,
                 offset: 11,
             },
             &mut out,
         );
-        assert_eq!(p.retained_from(2), Some(10));
-        assert_eq!(p.retained_from(1), None);
+        let two = InputPartition {
+            input: 0,
+            partition: 2,
+        };
+        assert_eq!(p.retained_from(two), Some(10));
+        assert_eq!(
+            p.retained_from(InputPartition {
+                input: 0,
+                partition: 1
+            }),
+            None
+        );
+        assert_eq!(
+            p.retained_from(InputPartition {
+                input: 1,
+                partition: 2
+            }),
+            None
+        );
         p.process(
-            sample("a", "cpu", 95, 1.0),
+            Telemetry::Sample(sample("a", "cpu", 95, 1.0)),
             Origin {
+                input: 0,
                 partition: 2,
                 offset: 12,
             },
             &mut out,
         );
         assert_eq!(
-            p.retained_from(2),
+            p.retained_from(two),
             Some(12),
             "the closed window no longer pins offset 10"
         );
-        p.forget_partition(2);
-        assert_eq!(p.retained_from(2), None);
+        p.forget_partition(two);
+        assert_eq!(p.retained_from(two), None);
+    }
+
+    #[test]
+    fn counts_logs_by_severity_and_passes_edges_on() {
+        use foresight_events::{LogEvent, Severity};
+        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+        let mut out = Vec::new();
+        let origin = Origin {
+            input: 0,
+            partition: 0,
+            offset: 0,
+        };
+        for (secs, severity) in [
+            (1, Severity::Error),
+            (2, Severity::Info),
+            (3, Severity::Error),
+        ] {
+            let log = LogEvent {
+                entity: EntityId::new("a").unwrap(),
+                time: DateTime::from_timestamp(secs, 0).unwrap(),
+                severity,
+                body: "x".into(),
+                attributes: Default::default(),
+            };
+            p.process(Telemetry::Log(log), origin, &mut out);
+        }
+        let edge = DependencyEdge {
+            caller: EntityId::new("a").unwrap(),
+            callee: EntityId::new("b").unwrap(),
+            time: DateTime::from_timestamp(4, 0).unwrap(),
+            calls: 3,
+            errors: 1,
+            latency_ms_sum: 30.0,
+            latency_ms_max: 20.0,
+        };
+        p.process(Telemetry::Edge(edge.clone()), origin, &mut out);
+        assert_eq!(out, vec![Output::Event(FeaturesOutput::Edge(edge.clone()))]);
+        assert_eq!(FeaturesOutput::Edge(edge).into_message("/t").route, 1);
+        p.flush(&mut out);
+        let w = windows(&out)[0];
+        let logs = w.logs.as_ref().unwrap();
+        assert_eq!(logs.count, 3);
+        assert_eq!(logs.by_severity[&Severity::Error], 2);
+        assert!(w.metrics.is_empty());
+        assert_eq!(
+            FeaturesOutput::Window(w.clone()).into_message("/t").route,
+            0
+        );
     }
 }

@@ -11,7 +11,7 @@ use figment::{
 };
 use foresight_allocator::AllocatorConfig;
 use foresight_features::FeaturesConfig;
-use foresight_ingest::IngestConfig;
+use foresight_ingest::{IngestConfig, Signal};
 use foresight_scoring::ScoringConfig;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -102,6 +102,20 @@ impl Default for RunnerConfig {
     }
 }
 
+/// An extra telemetry topic, e.g. where an OpenTelemetry Collector's Kafka exporter writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The topic's full name (no prefix is added).
+    pub topic: String,
+    /// Its wire format; `auto` decides per message from the content type and the bytes.
+    #[serde(default)]
+    pub format: foresight_ingest::Format,
+    /// What OTLP protobuf messages on it hold (OTLP/JSON says so itself).
+    #[serde(default)]
+    pub signal: Signal,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,9 +129,13 @@ pub struct Config {
     /// Stage runner limits.
     #[serde(default)]
     pub runner: RunnerConfig,
-    /// Telemetry decoding limits.
+    /// Telemetry decoding limits and identity.
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// Telemetry topics read besides `<prefix>telemetry.{metrics,logs,traces}` (which are read in
+    /// `auto` format as metrics, logs and traces).
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
     /// Feature windows.
     #[serde(default)]
     pub features: FeaturesConfig,
@@ -149,11 +167,12 @@ impl std::fmt::Display for ConfigIssue {
 #[error("{} configuration error(s):\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigIssue>);
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "kafka",
     "postgres",
     "runner",
     "ingest",
+    "sources",
     "features",
     "scoring",
     "allocator",
@@ -243,6 +262,7 @@ impl Config {
             postgres: section(figment, "postgres", &mut issues),
             runner: section(figment, "runner", &mut issues),
             ingest: section(figment, "ingest", &mut issues),
+            sources: section(figment, "sources", &mut issues),
             features: section(figment, "features", &mut issues),
             scoring: section(figment, "scoring", &mut issues),
             allocator: section(figment, "allocator", &mut issues),
@@ -282,6 +302,17 @@ impl Config {
         }
         if self.runner.max_in_flight == 0 {
             add("runner.max_in_flight", "must be at least 1".into());
+        }
+        for (i, source) in self.sources.iter().enumerate() {
+            if source.topic.trim().is_empty() {
+                add(&format!("sources[{i}].topic"), "must not be empty".into());
+            }
+        }
+        if self.ingest.entity_keys.is_empty() {
+            add(
+                "ingest.entity_keys",
+                "must name at least one attribute".into(),
+            );
         }
         if self.runner.recorder_batch == 0 {
             add("runner.recorder_batch", "must be at least 1".into());

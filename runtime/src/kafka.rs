@@ -24,12 +24,16 @@ pub struct Topics {
     pub metrics: String,
     /// Input: telemetry log events.
     pub logs: String,
+    /// Input: trace spans (for the dependency graph).
+    pub traces: String,
     /// Input: observed failures (the labels).
     pub failures: String,
     /// Internal, publicly readable: feature windows.
     pub features: String,
     /// Internal, publicly readable: risk scores.
     pub scores: String,
+    /// Internal, publicly readable: caller -> callee edges from traces.
+    pub dependencies: String,
     /// Public: allocation decisions.
     pub decisions: String,
     /// Public: actuation outcomes.
@@ -45,9 +49,11 @@ impl Topics {
         Self {
             metrics: t("telemetry.metrics"),
             logs: t("telemetry.logs"),
+            traces: t("telemetry.traces"),
             failures: t("failures"),
             features: t("features"),
             scores: t("scores"),
+            dependencies: t("dependencies"),
             decisions: t("decisions"),
             outcomes: t("outcomes"),
             dead_letters: t("dead-letters"),
@@ -55,13 +61,15 @@ impl Topics {
     }
 
     /// Every topic.
-    pub fn all(&self) -> [&str; 8] {
+    pub fn all(&self) -> [&str; 10] {
         [
             &self.metrics,
             &self.logs,
+            &self.traces,
             &self.failures,
             &self.features,
             &self.scores,
+            &self.dependencies,
             &self.decisions,
             &self.outcomes,
             &self.dead_letters,

@@ -293,6 +293,7 @@ fn run_demo(
             &bytes,
             "demo",
             Origin {
+                input: 0,
                 partition: 0,
                 offset: i as i64,
             },

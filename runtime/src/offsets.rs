@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use foresight_events::InputPartition;
+
 #[derive(Debug, Default)]
 struct Partition {
     /// Offsets with outputs still unacknowledged, and how many.
@@ -20,13 +22,13 @@ struct Partition {
 /// Tracks in-flight inputs per partition.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    partitions: HashMap<i32, Partition>,
+    partitions: HashMap<InputPartition, Partition>,
     in_flight: usize,
 }
 
 impl OffsetTracker {
     /// An input at `offset` was read and produced `outputs` outputs, now in flight.
-    pub(crate) fn read(&mut self, partition: i32, offset: i64, outputs: usize) {
+    pub(crate) fn read(&mut self, partition: InputPartition, offset: i64, outputs: usize) {
         let p = self.partitions.entry(partition).or_default();
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
         if outputs > 0 {
@@ -36,7 +38,7 @@ impl OffsetTracker {
     }
 
     /// One output of the input at `offset` was acknowledged.
-    pub(crate) fn ack(&mut self, partition: i32, offset: i64) {
+    pub(crate) fn ack(&mut self, partition: InputPartition, offset: i64) {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return; // Revoked meanwhile: nothing to store for it.
         };
@@ -55,7 +57,7 @@ impl OffsetTracker {
     }
 
     /// The partition was revoked: forget it, so nothing is ever stored for it.
-    pub(crate) fn revoke(&mut self, partition: i32) {
+    pub(crate) fn revoke(&mut self, partition: InputPartition) {
         if let Some(p) = self.partitions.remove(&partition) {
             self.in_flight -= p.pending.values().sum::<usize>();
         }
@@ -63,7 +65,10 @@ impl OffsetTracker {
 
     /// The offsets (next offset to read) that may be stored now and have advanced since last time.
     /// `retained` gives, per partition, the earliest offset the processor's open state depends on.
-    pub(crate) fn storable(&mut self, retained: impl Fn(i32) -> Option<i64>) -> Vec<(i32, i64)> {
+    pub(crate) fn storable(
+        &mut self,
+        retained: impl Fn(InputPartition) -> Option<i64>,
+    ) -> Vec<(InputPartition, i64)> {
         let mut out = Vec::new();
         for (&partition, p) in &mut self.partitions {
             let Some(next) = p.next else { continue };
@@ -87,36 +92,44 @@ mod tests {
 
     use super::*;
 
+    #[allow(non_snake_case)]
+    fn P(partition: i32) -> InputPartition {
+        InputPartition {
+            input: 0,
+            partition,
+        }
+    }
+
     #[test]
     fn never_passes_an_unacknowledged_output() {
         let mut t = OffsetTracker::default();
-        t.read(0, 10, 1);
-        t.read(0, 11, 2);
-        t.read(0, 12, 0);
-        assert_eq!(t.storable(|_| None), vec![(0, 10)]);
-        t.ack(0, 11);
-        t.ack(0, 11);
+        t.read(P(0), 10, 1);
+        t.read(P(0), 11, 2);
+        t.read(P(0), 12, 0);
+        assert_eq!(t.storable(|_| None), vec![(P(0), 10)]);
+        t.ack(P(0), 11);
+        t.ack(P(0), 11);
         assert_eq!(t.storable(|_| None), vec![], "10 still in flight");
-        t.ack(0, 10);
-        assert_eq!(t.storable(|_| None), vec![(0, 13)]);
+        t.ack(P(0), 10);
+        assert_eq!(t.storable(|_| None), vec![(P(0), 13)]);
         assert_eq!(t.in_flight(), 0);
     }
 
     #[test]
     fn respects_what_the_processor_retains() {
         let mut t = OffsetTracker::default();
-        t.read(1, 5, 0);
-        t.read(1, 6, 0);
-        assert_eq!(t.storable(|_| Some(5)), vec![(1, 5)]);
-        assert_eq!(t.storable(|_| None), vec![(1, 7)]);
+        t.read(P(1), 5, 0);
+        t.read(P(1), 6, 0);
+        assert_eq!(t.storable(|_| Some(5)), vec![(P(1), 5)]);
+        assert_eq!(t.storable(|_| None), vec![(P(1), 7)]);
     }
 
     #[test]
     fn revoked_partitions_are_never_stored() {
         let mut t = OffsetTracker::default();
-        t.read(3, 0, 1);
-        t.revoke(3);
-        t.ack(3, 0);
+        t.read(P(3), 0, 1);
+        t.revoke(P(3));
+        t.ack(P(3), 0);
         assert!(t.storable(|_| None).is_empty());
         assert_eq!(t.in_flight(), 0);
     }
@@ -132,7 +145,7 @@ mod tests {
             let mut t = OffsetTracker::default();
             let mut acks = Vec::new();
             for (offset, n) in outputs.iter().enumerate() {
-                t.read(0, offset as i64, *n);
+                t.read(P(0), offset as i64, *n);
                 acks.extend(std::iter::repeat_n(offset as i64, *n));
             }
             // A deterministic shuffle of the acknowledgements.
@@ -145,7 +158,7 @@ mod tests {
             for a in &acks { *remaining.entry(*a).or_default() += 1; }
             let mut last = -1;
             for a in acks {
-                t.ack(0, a);
+                t.ack(P(0), a);
                 let left = remaining.get_mut(&a).unwrap();
                 *left -= 1;
                 if *left == 0 { remaining.remove(&a); }
@@ -158,7 +171,7 @@ mod tests {
                 }
             }
             let _ = t.storable(|_| None);
-            prop_assert_eq!(t.partitions[&0].stored, Some(outputs.len() as i64));
+            prop_assert_eq!(t.partitions[&P(0)].stored, Some(outputs.len() as i64));
         }
     }
 }

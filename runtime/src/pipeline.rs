@@ -1,8 +1,10 @@
 //! The pipeline, top-down, in one place:
 //!
 //! ```text
-//! telemetry --ingest+features--> feature windows --scoring--> risk scores --allocator--> decisions
-//!           --actuator--> outcomes;    decisions, outcomes, scores, failures --recorder--> Postgres
+//! telemetry (metrics, logs, traces; native, OTLP, Prometheus)
+//!   --ingest+features--> feature windows (+ dependency edges)
+//!   --scoring--> risk scores --allocator--> decisions --actuator--> outcomes
+//! decisions, outcomes, scores, failures --recorder--> Postgres
 //! ```
 //!
 //! The same processors run live (each wrapped by the Kafka [`runner`](crate::runner)) and in replay
@@ -12,18 +14,19 @@ use chrono::{DateTime, Utc};
 use foresight_actuators::DryRun;
 use foresight_allocator::Allocator;
 use foresight_events::{
-    ActuationOutcome, DeadLetter, Decision, EnvelopeError, ErrorClass, Event, EventData,
-    FeatureWindow, MetricSample, Origin, Output, Processor, Rejection, RiskScore,
+    ActuationOutcome, DeadLetter, Decision, DependencyEdge, EnvelopeError, ErrorClass, Event,
+    EventData, FeatureWindow, Origin, Output, Processor, Rejection, RiskScore, Telemetry,
 };
-use foresight_features::WindowProcessor;
-use foresight_ingest::Decoder;
+use foresight_features::{FeaturesOutput, WindowProcessor};
+use foresight_ingest::{Decoder, Format, Signal};
 use foresight_scoring::Scorer;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
+    config::SourceConfig,
     kafka::Topics,
-    runner::{self, Decode, LiveStage, StageReport},
+    runner::{self, Decode, Input, LiveStage, StageReport},
 };
 
 /// The stages, in data-flow order.
@@ -125,12 +128,35 @@ impl Processors {
     }
 }
 
-/// Decodes telemetry with the ingest decoder.
-fn telemetry(decoder: Decoder) -> Decode<MetricSample> {
-    Box::new(move |bytes, time| {
-        let decoded = decoder.decode(bytes, time);
-        (decoded.samples, decoded.rejections)
-    })
+/// Every telemetry topic: the pipeline's own three, then the configured extra sources.
+pub fn telemetry_sources(config: &Config) -> Vec<SourceConfig> {
+    let t = Topics::new(&config.kafka.topic_prefix);
+    let own = [
+        (t.metrics, Signal::Metrics),
+        (t.logs, Signal::Logs),
+        (t.traces, Signal::Traces),
+    ];
+    own.into_iter()
+        .map(|(topic, signal)| SourceConfig {
+            topic,
+            format: Format::Auto,
+            signal,
+        })
+        .chain(config.sources.iter().cloned())
+        .collect()
+}
+
+/// Decodes one telemetry topic with the ingest decoder.
+fn telemetry(decoder: Decoder, source: &SourceConfig) -> Input<Telemetry> {
+    let (format, signal) = (source.format, source.signal);
+    let decode: Decode<Telemetry> = Box::new(move |m| {
+        let decoded = decoder.decode(m.payload, format, signal, m.content_type, m.time);
+        (decoded.telemetry, decoded.rejections)
+    });
+    Input {
+        topic: source.topic.clone(),
+        decode,
+    }
 }
 
 /// Decodes one checked event envelope.
@@ -144,28 +170,30 @@ pub(crate) fn envelope<T: EventData>(bytes: &[u8]) -> Result<T, Rejection> {
     })
 }
 
-fn events<T: EventData + Send + 'static>() -> Decode<T> {
-    Box::new(|bytes, _| match envelope::<T>(bytes) {
+fn events<T: EventData + Send + 'static>(topic: &str) -> Vec<Input<T>> {
+    let decode: Decode<T> = Box::new(|m| match envelope::<T>(m.payload) {
         Ok(data) => (vec![data], Vec::new()),
         Err(r) => (Vec::new(), vec![r]),
-    })
+    });
+    vec![Input {
+        topic: topic.to_owned(),
+        decode,
+    }]
 }
 
 fn live<P: Processor>(
     name: &'static str,
-    input: &str,
-    output: &str,
+    inputs: Vec<Input<P::Input>>,
+    outputs: &[&str],
     topics: &Topics,
     processor: P,
-    decode: Decode<P::Input>,
 ) -> LiveStage<P> {
     LiveStage {
         name,
-        input: input.to_owned(),
-        output: output.to_owned(),
+        inputs,
+        outputs: outputs.iter().map(|t| (*t).to_owned()).collect(),
         dead_letters: topics.dead_letters.clone(),
         processor,
-        decode,
     }
 }
 
@@ -181,47 +209,27 @@ pub async fn run_stage(
     let (k, r) = (&config.kafka, &config.runner);
     let report = match stage {
         Stage::Features => {
-            let s = live(
-                "features",
-                &t.metrics,
-                &t.features,
-                &t,
-                p.features,
-                telemetry(p.decoder),
-            );
+            let inputs = telemetry_sources(config)
+                .iter()
+                .map(|src| telemetry(p.decoder.clone(), src))
+                .collect();
+            let outputs = [t.features.as_str(), t.dependencies.as_str()];
+            let s = live("features", inputs, &outputs, &t, p.features);
             runner::run(s, k, r, shutdown).await?
         }
         Stage::Scoring => {
-            let s = live(
-                "scoring",
-                &t.features,
-                &t.scores,
-                &t,
-                p.scorer,
-                events::<FeatureWindow>(),
-            );
+            let inputs = events::<FeatureWindow>(&t.features);
+            let s = live("scoring", inputs, &[&t.scores], &t, p.scorer);
             runner::run(s, k, r, shutdown).await?
         }
         Stage::Allocator => {
-            let s = live(
-                "allocator",
-                &t.scores,
-                &t.decisions,
-                &t,
-                p.allocator,
-                events::<RiskScore>(),
-            );
+            let inputs = events::<RiskScore>(&t.scores);
+            let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator);
             runner::run(s, k, r, shutdown).await?
         }
         Stage::Actuator => {
-            let s = live(
-                "actuator",
-                &t.decisions,
-                &t.outcomes,
-                &t,
-                p.actuator,
-                events::<Decision>(),
-            );
+            let inputs = events::<Decision>(&t.decisions);
+            let s = live("actuator", inputs, &[&t.outcomes], &t, p.actuator);
             runner::run(s, k, r, shutdown).await?
         }
         Stage::Recorder => {
@@ -239,6 +247,8 @@ pub struct Outputs {
     pub samples: u64,
     /// Feature windows closed.
     pub windows: Vec<FeatureWindow>,
+    /// Dependency edges seen in traces.
+    pub edges: Vec<DependencyEdge>,
     /// Scores.
     pub scores: Vec<RiskScore>,
     /// Decisions.
@@ -268,7 +278,8 @@ impl InProcess {
         })
     }
 
-    /// Feeds one telemetry message (its bytes, its position in `source`, its timestamp if known).
+    /// Feeds one native-JSON telemetry message (its bytes, its position in `source`, its
+    /// timestamp if known).
     pub fn feed(
         &mut self,
         bytes: &[u8],
@@ -276,14 +287,43 @@ impl InProcess {
         origin: Origin,
         time: Option<DateTime<Utc>>,
     ) {
-        let decoded = self.p.decoder.decode(bytes, time);
+        self.feed_as(
+            bytes,
+            Format::Auto,
+            Signal::Metrics,
+            None,
+            source,
+            origin,
+            time,
+        );
+    }
+
+    /// Feeds one telemetry message in the given format (as a live stage would read it from a
+    /// topic with that configuration and content type).
+    #[allow(clippy::too_many_arguments)] // Mirrors the decoder's inputs one to one.
+    pub fn feed_as(
+        &mut self,
+        bytes: &[u8],
+        format: Format,
+        signal: Signal,
+        content_type: Option<&str>,
+        source: &str,
+        origin: Origin,
+        time: Option<DateTime<Utc>>,
+    ) {
+        let decoded = self
+            .p
+            .decoder
+            .decode(bytes, format, signal, content_type, time);
         let mut windows = Vec::new();
         for r in decoded.rejections {
             windows.push(Output::Rejected(r));
         }
-        self.out.samples += decoded.samples.len() as u64;
-        for sample in decoded.samples {
-            self.p.features.process(sample, origin, &mut windows);
+        for t in decoded.telemetry {
+            if matches!(t, Telemetry::Sample(_)) {
+                self.out.samples += 1;
+            }
+            self.p.features.process(t, origin, &mut windows);
         }
         self.windows(windows, bytes, source, origin);
     }
@@ -303,6 +343,7 @@ impl InProcess {
             &[],
             "flush",
             Origin {
+                input: 0,
                 partition: 0,
                 offset: -1,
             },
@@ -326,7 +367,7 @@ impl InProcess {
     // telemetry -> windows -> scores -> decisions -> outcomes, each stage's outputs fed to the next.
     fn windows(
         &mut self,
-        windows: Vec<Output<FeatureWindow>>,
+        windows: Vec<Output<FeaturesOutput>>,
         bytes: &[u8],
         source: &str,
         origin: Origin,
@@ -334,7 +375,8 @@ impl InProcess {
         let mut scores = Vec::new();
         for w in windows {
             match w {
-                Output::Event(w) => {
+                Output::Event(FeaturesOutput::Edge(e)) => self.out.edges.push(e),
+                Output::Event(FeaturesOutput::Window(w)) => {
                     if self.keep_windows {
                         self.out.windows.push(w.clone());
                     }

@@ -46,6 +46,7 @@ pub fn replay_files(config: &Config, inputs: &[PathBuf]) -> anyhow::Result<(Outp
             }
             records += 1;
             let origin = Origin {
+                input: 0,
                 partition: 0,
                 offset: line_no as i64 + 1,
             };

@@ -9,7 +9,8 @@ use std::{future::Future, pin::Pin, time::Duration};
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
-    CLOUDEVENTS_CONTENT_TYPE, DeadLetter, Event, EventData, Origin, Output, Processor, Rejection,
+    CLOUDEVENTS_CONTENT_TYPE, DeadLetter, InputPartition, Origin, Output, Processor, Rejection,
+    Routed,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
@@ -27,24 +28,40 @@ use crate::{
     offsets::OffsetTracker,
 };
 
+/// One message as a decoder sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Incoming<'a> {
+    /// The value.
+    pub(crate) payload: &'a [u8],
+    /// The message timestamp.
+    pub(crate) time: Option<DateTime<Utc>>,
+    /// The `content-type` header.
+    pub(crate) content_type: Option<&'a str>,
+}
+
 /// Decodes one input message into the processor's inputs, and rejections for what is unusable.
-pub(crate) type Decode<I> =
-    Box<dyn FnMut(&[u8], Option<DateTime<Utc>>) -> (Vec<I>, Vec<Rejection>) + Send>;
+pub(crate) type Decode<I> = Box<dyn FnMut(Incoming<'_>) -> (Vec<I>, Vec<Rejection>) + Send>;
+
+/// One input topic of a stage and how its messages are decoded.
+pub(crate) struct Input<I> {
+    /// The topic.
+    pub(crate) topic: String,
+    /// Its decoder.
+    pub(crate) decode: Decode<I>,
+}
 
 /// A stage as the live runner sees it.
 pub(crate) struct LiveStage<P: Processor> {
     /// Stage name: consumer group suffix, event source and log field.
     pub(crate) name: &'static str,
-    /// Topic it reads.
-    pub(crate) input: String,
-    /// Topic its events go to.
-    pub(crate) output: String,
+    /// Topics it reads; an origin's `input` is the index here.
+    pub(crate) inputs: Vec<Input<P::Input>>,
+    /// Topics its events go to, by [`OutgoingMessage::route`].
+    pub(crate) outputs: Vec<String>,
     /// Topic its rejections go to.
     pub(crate) dead_letters: String,
     /// The pure processor.
     pub(crate) processor: P,
-    /// Input decoding.
-    pub(crate) decode: Decode<P::Input>,
 }
 
 /// Why a stage stopped with an error.
@@ -85,7 +102,7 @@ pub struct StageReport {
     pub dead_letters: u64,
 }
 
-type Delivery = Pin<Box<dyn Future<Output = (i32, i64, Result<(), KafkaError>)> + Send>>;
+type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), KafkaError>)> + Send>>;
 
 /// Headers of an event message (CloudEvents structured mode).
 fn event_headers() -> OwnedHeaders {
@@ -130,25 +147,26 @@ async fn enqueue(
     }
 }
 
-fn store(
+fn store<I>(
     consumer: &StreamConsumer<RebalanceContext>,
-    topic: &str,
+    inputs: &[Input<I>],
     tracker: &mut OffsetTracker,
-    retained: impl Fn(i32) -> Option<i64>,
+    retained: impl Fn(InputPartition) -> Option<i64>,
 ) {
     let storable = tracker.storable(retained);
     if storable.is_empty() {
         return;
     }
     let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in storable {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-            tracing::warn!(%topic, partition, error = %e, "Could not note an offset to store.");
+    for (source, offset) in storable {
+        let topic = &inputs[usize::from(source.input)].topic;
+        if let Err(e) = tpl.add_partition_offset(topic, source.partition, Offset::Offset(offset)) {
+            tracing::warn!(%topic, partition = source.partition, error = %e, "Could not note an offset to store.");
         }
     }
     if let Err(e) = consumer.store_offsets(&tpl) {
         // Happens only for a partition revoked a moment ago; its new owner re-reads from the last commit.
-        tracing::debug!(%topic, error = %e, "Offsets not stored.");
+        tracing::debug!(error = %e, "Offsets not stored.");
     }
 }
 
@@ -162,7 +180,7 @@ pub(crate) async fn run<P>(
 ) -> Result<StageReport, StageError>
 where
     P: Processor + Send,
-    P::Output: EventData,
+    P::Output: Routed,
 {
     let name = stage.name;
     let err = |source| StageError::Kafka {
@@ -172,9 +190,17 @@ where
     let group = format!("{}{}", kafka_config.group_prefix, name);
     let consumer = kafka::consumer(kafka_config, &group).map_err(err)?;
     let producer = kafka::producer(kafka_config).map_err(err)?;
-    consumer.subscribe(&[&stage.input]).map_err(err)?;
+    let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
+    consumer.subscribe(&topics).map_err(err)?;
+    let input_topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    let input_index = |topic: &str| {
+        input_topics
+            .iter()
+            .position(|t| t == topic)
+            .map(|i| i as u16)
+    };
     let source = format!("/foresight/{name}");
-    tracing::info!(stage = name, input = %stage.input, output = %stage.output, %group, "Stage started.");
+    tracing::info!(stage = name, inputs = ?topics, outputs = ?stage.outputs, %group, "Stage started.");
 
     let mut tracker = OffsetTracker::default();
     let mut deliveries: FuturesUnordered<Delivery> = FuturesUnordered::new();
@@ -186,9 +212,10 @@ where
 
     loop {
         for (topic, partition) in consumer.context().take_revoked() {
-            if topic == stage.input {
-                tracker.revoke(partition);
-                stage.processor.forget_partition(partition);
+            if let Some(input) = input_index(&topic) {
+                let source = InputPartition { input, partition };
+                tracker.revoke(source);
+                stage.processor.forget_partition(source);
             }
         }
         tokio::select! {
@@ -201,14 +228,18 @@ where
                     Ok(()) => tracker.ack(partition, offset),
                     Err(source) => {
                         failure = Some(StageError::Delivery {
-                            stage: name, topic: stage.input.clone(), partition, offset, source,
+                            stage: name,
+                            topic: stage.inputs[usize::from(partition.input)].topic.clone(),
+                            partition: partition.partition,
+                            offset,
+                            source,
                         });
                         break;
                     }
                 }
             }
             _ = tick.tick() => {
-                store(&consumer, &stage.input, &mut tracker, |p| stage.processor.retained_from(p));
+                store(&consumer, &stage.inputs, &mut tracker, |p| stage.processor.retained_from(p));
             }
             message = consumer.recv(), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
@@ -220,19 +251,21 @@ where
                     }
                 };
                 report.messages += 1;
-                let partition = message.partition();
+                let Some(input) = input_index(message.topic()) else {
+                    continue; // Not subscribed (cannot happen); never stored either.
+                };
+                let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
-                process(&mut stage, &message, &mut out);
+                process(&mut stage, input, &message, &mut out);
                 tracker.read(partition, offset, out.len());
                 for output in out.drain(..) {
                     let enqueued = match output {
                         Output::Event(data) => {
                             report.events += 1;
-                            let event = Event::new(&source, data);
-                            let payload = event.to_json();
-                            let record = FutureRecord::to(&stage.output)
-                                .key(event.subject.as_str())
-                                .payload(payload.as_slice())
+                            let m = data.into_message(&source);
+                            let record = FutureRecord::to(&stage.outputs[m.route])
+                                .key(m.key.as_str())
+                                .payload(m.payload.as_slice())
                                 .headers(event_headers());
                             enqueue(&producer, record).await
                         }
@@ -260,7 +293,11 @@ where
                         })),
                         Err(source) => {
                             failure = Some(StageError::Delivery {
-                                stage: name, topic: stage.input.clone(), partition, offset, source,
+                                stage: name,
+                                topic: message.topic().to_owned(),
+                                partition: message.partition(),
+                                offset,
+                                source,
                             });
                             break;
                         }
@@ -291,7 +328,7 @@ where
             );
         }
     }
-    store(&consumer, &stage.input, &mut tracker, |p| {
+    store(&consumer, &stage.inputs, &mut tracker, |p| {
         stage.processor.retained_from(p)
     });
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
@@ -317,19 +354,30 @@ where
 
 fn process<P: Processor>(
     stage: &mut LiveStage<P>,
+    input: u16,
     message: &BorrowedMessage<'_>,
     out: &mut Vec<Output<P::Output>>,
 ) {
-    let payload = message.payload().unwrap_or_default();
-    let time = message
-        .timestamp()
-        .to_millis()
-        .and_then(DateTime::from_timestamp_millis);
+    let content_type = message.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    });
+    let incoming = Incoming {
+        payload: message.payload().unwrap_or_default(),
+        time: message
+            .timestamp()
+            .to_millis()
+            .and_then(DateTime::from_timestamp_millis),
+        content_type,
+    };
     let origin = Origin {
+        input,
         partition: message.partition(),
         offset: message.offset(),
     };
-    let (inputs, rejections) = (stage.decode)(payload, time);
+    let (inputs, rejections) = (stage.inputs[usize::from(input)].decode)(incoming);
     out.extend(rejections.into_iter().map(Output::Rejected));
     // Processing may be CPU-heavy (model fits): keep it off the paths that drive IO.
     tokio::task::block_in_place(|| {

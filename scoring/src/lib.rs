@@ -40,9 +40,10 @@
 //!     metrics: [("disk_used_pct".to_string(), MetricStats {
 //!         count: 1, mean: 80.0, min: 80.0, max: 80.0, last: 80.0, history, gap_windows: 0,
 //!     })].into(),
+//!     logs: None,
 //! };
 //! let mut out = Vec::new();
-//! scorer.process(window, Origin { partition: 0, offset: 0 }, &mut out);
+//! scorer.process(window, Origin { input: 0, partition: 0, offset: 0 }, &mut out);
 //! let Output::Event(score) = &out[0] else { panic!() };
 //! assert!(score.probability > 0.9, "{score:?}");
 //! assert!(score.time_to_failure_seconds.unwrap() <= 30 * 60);
@@ -392,6 +393,7 @@ mod tests {
                 },
             )]
             .into(),
+            logs: None,
         }
     }
 
@@ -408,6 +410,7 @@ mod tests {
         s.process(
             w,
             Origin {
+                input: 0,
                 partition: 0,
                 offset: 0,
             },

@@ -1,0 +1,118 @@
+//! Validation shared by every format: required fields, finite values, time range.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use foresight_events::{EntityId, ErrorClass, MetricSample, Rejection};
+
+use crate::IngestConfig;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Checks {
+    max_future: TimeDelta,
+    retention: TimeDelta,
+}
+
+/// The checks for one message (its timestamp fixed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct At<'a> {
+    checks: &'a Checks,
+    message_time: Option<DateTime<Utc>>,
+}
+
+impl Checks {
+    pub(crate) fn new(config: &IngestConfig) -> Self {
+        let delta = |d| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+        Self {
+            max_future: delta(config.max_future),
+            retention: delta(config.retention),
+        }
+    }
+
+    pub(crate) fn at(&self, message_time: Option<DateTime<Utc>>) -> At<'_> {
+        At {
+            checks: self,
+            message_time,
+        }
+    }
+}
+
+pub(crate) fn missing(field: &str) -> Rejection {
+    Rejection::new(ErrorClass::MissingField, format!("`{field}` is missing"))
+}
+
+pub(crate) fn entity(id: &str) -> Result<EntityId, Rejection> {
+    EntityId::new(id)
+        .map_err(|e| Rejection::new(ErrorClass::MissingField, format!("bad entity: {e}")))
+}
+
+/// Unix nanoseconds (OTLP) to a time; 0 means "not set".
+pub(crate) fn nanos(ns: u64, field: &str) -> Result<DateTime<Utc>, Rejection> {
+    if ns == 0 {
+        return Err(missing(field));
+    }
+    i64::try_from(ns)
+        .ok()
+        .map(DateTime::from_timestamp_nanos)
+        .ok_or_else(|| {
+            Rejection::new(
+                ErrorClass::TimestampOutOfRange,
+                format!("`{field}` {ns} is out of range"),
+            )
+        })
+}
+
+impl At<'_> {
+    /// Checks a record time against the message time.
+    pub(crate) fn time(&self, time: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
+        let Some(now) = self.message_time else {
+            return Ok(time);
+        };
+        if time > now + self.checks.max_future {
+            return Err(Rejection::new(
+                ErrorClass::TimestampOutOfRange,
+                format!(
+                    "time {time} is more than {} ahead of the message time {now} (ingest.max_future)",
+                    self.checks.max_future
+                ),
+            ));
+        }
+        if time < now - self.checks.retention {
+            return Err(Rejection::new(
+                ErrorClass::TimestampOutOfRange,
+                format!(
+                    "time {time} is older than the retention ({}) before the message time {now} (ingest.retention)",
+                    self.checks.retention
+                ),
+            ));
+        }
+        Ok(time)
+    }
+
+    /// Builds a validated sample.
+    pub(crate) fn sample(
+        &self,
+        entity: EntityId,
+        metric: String,
+        time: DateTime<Utc>,
+        value: f64,
+        labels: BTreeMap<String, String>,
+    ) -> Result<MetricSample, Rejection> {
+        if metric.is_empty() {
+            return Err(missing("metric"));
+        }
+        if !value.is_finite() {
+            return Err(Rejection::new(
+                ErrorClass::InvalidValue,
+                format!("value of {metric} is {value}; only finite values are accepted"),
+            ));
+        }
+        Ok(MetricSample {
+            entity,
+            metric,
+            time: self.time(time)?,
+            value,
+            labels,
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! Foresight's native JSON.
+
+use std::{borrow::Cow, collections::BTreeMap};
+
+use chrono::{DateTime, Utc};
+use foresight_events::{ErrorClass, MetricSample, Rejection, Telemetry};
+use serde::Deserialize;
+
+use crate::{
+    Decoded,
+    checks::{At, entity, missing},
+};
+
+/// The native schema version this build reads.
+pub const NATIVE_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Message<'a> {
+    Batch(#[serde(borrow)] Batch<'a>),
+    Array(#[serde(borrow)] Vec<RawSample<'a>>),
+    One(#[serde(borrow)] RawSample<'a>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch<'a> {
+    schema_version: Option<u32>,
+    #[serde(borrow)]
+    samples: Vec<RawSample<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSample<'a> {
+    schema_version: Option<u32>,
+    #[serde(borrow)]
+    entity: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    metric: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<RawTime<'a>>,
+    #[serde(borrow)]
+    value: Option<RawValue<'a>>,
+    #[serde(default, borrow)]
+    labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawTime<'a> {
+    Millis(i64),
+    Text(#[serde(borrow)] Cow<'a, str>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawValue<'a> {
+    Number(f64),
+    Text(#[serde(borrow)] Cow<'a, str>),
+}
+
+impl RawValue<'_> {
+    /// The value as a number: JSON numbers as they are, strings parsed (so "NaN" and "+Inf" become
+    /// non-finite numbers, refused by the checks with a clear reason).
+    pub(crate) fn number(&self) -> Result<f64, Rejection> {
+        match self {
+            RawValue::Number(v) => Ok(*v),
+            RawValue::Text(t) => t.trim().parse::<f64>().map_err(|_| {
+                Rejection::new(
+                    ErrorClass::InvalidValue,
+                    format!("`value` {t:?} is not a number"),
+                )
+            }),
+        }
+    }
+}
+
+fn unsupported(v: u32) -> Rejection {
+    Rejection::new(
+        ErrorClass::UnknownSchemaVersion,
+        format!("schema_version {v} is not supported (this build reads {NATIVE_SCHEMA_VERSION})"),
+    )
+}
+
+pub(crate) fn decode(bytes: &[u8], checks: &At<'_>) -> Decoded {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => return Decoded::rejected(ErrorClass::InvalidUtf8, format!("not UTF-8: {e}")),
+    };
+    let message: Message<'_> = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            return Decoded::rejected(
+                ErrorClass::Undecodable,
+                format!("not a native JSON sample, batch or array: {e}"),
+            );
+        }
+    };
+    let (version, raw) = match message {
+        Message::Batch(b) => (b.schema_version, b.samples),
+        Message::Array(samples) => (None, samples),
+        Message::One(s) => (None, vec![s]),
+    };
+    if let Some(v) = version.filter(|v| *v != NATIVE_SCHEMA_VERSION) {
+        return Decoded {
+            telemetry: Vec::new(),
+            rejections: vec![unsupported(v)],
+        };
+    }
+    let many = raw.len() > 1;
+    let mut out = Decoded {
+        telemetry: Vec::with_capacity(raw.len()),
+        rejections: Vec::new(),
+    };
+    for (i, sample) in raw.into_iter().enumerate() {
+        match validate(sample, checks) {
+            Ok(s) => out.telemetry.push(Telemetry::Sample(s)),
+            Err(mut r) => {
+                if many {
+                    r.reason = format!("sample {i}: {}", r.reason);
+                }
+                out.rejections.push(r);
+            }
+        }
+    }
+    out
+}
+
+fn validate(raw: RawSample<'_>, checks: &At<'_>) -> Result<MetricSample, Rejection> {
+    if let Some(v) = raw.schema_version.filter(|v| *v != NATIVE_SCHEMA_VERSION) {
+        return Err(unsupported(v));
+    }
+    let id = entity(&raw.entity.ok_or_else(|| missing("entity"))?)?;
+    let metric = raw.metric.ok_or_else(|| missing("metric"))?;
+    let time = match raw.time.ok_or_else(|| missing("time"))? {
+        RawTime::Millis(ms) => DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+            Rejection::new(
+                ErrorClass::TimestampOutOfRange,
+                format!("time {ms} ms is out of range"),
+            )
+        })?,
+        RawTime::Text(t) => DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                Rejection::new(
+                    ErrorClass::InvalidValue,
+                    format!("`time` {t:?} is not RFC 3339: {e}"),
+                )
+            })?,
+    };
+    let value = raw.value.ok_or_else(|| missing("value"))?.number()?;
+    let labels = raw
+        .labels
+        .into_iter()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    checks.sample(id, metric.into_owned(), time, value, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::{Decoder, Format, IngestConfig, Signal};
+
+    fn native(d: &Decoder, bytes: &[u8], time: Option<DateTime<Utc>>) -> Decoded {
+        d.decode(bytes, Format::Native, Signal::Metrics, None, time)
+    }
+
+    fn decode(s: &str) -> Decoded {
+        native(&Decoder::new(IngestConfig::default()), s.as_bytes(), None)
+    }
+
+    fn samples(d: &Decoded) -> Vec<&MetricSample> {
+        d.samples().collect()
+    }
+
+    fn class(d: &Decoded) -> ErrorClass {
+        assert_eq!(d.rejections.len(), 1, "{d:?}");
+        d.rejections[0].class
+    }
+
+    #[test]
+    fn reads_one_batch_and_array() {
+        let one = decode(
+            r#"{"entity":"n1","metric":"cpu","time":"2026-01-01T00:00:00Z","value":1.5,"labels":{"zone":"a"}}"#,
+        );
+        assert_eq!(samples(&one).len(), 1);
+        assert_eq!(samples(&one)[0].labels["zone"], "a");
+        let batch = decode(
+            r#"{"schema_version":1,"samples":[{"entity":"n1","metric":"cpu","time":1,"value":1},{"entity":"n2","metric":"cpu","time":2,"value":"2.5"}]}"#,
+        );
+        assert_eq!(samples(&batch).len(), 2);
+        assert_eq!(samples(&batch)[1].value, 2.5);
+        let array = decode(r#"[{"entity":"n1","metric":"cpu","time":1,"value":1}]"#);
+        assert_eq!(samples(&array).len(), 1);
+    }
+
+    #[test]
+    fn classifies_bad_input() {
+        let cfg = IngestConfig {
+            max_message_bytes: 200,
+            ..IngestConfig::default()
+        };
+        let d = Decoder::new(cfg);
+        assert_eq!(class(&native(&d, &[b'x'; 201], None)), ErrorClass::Oversize);
+        assert_eq!(class(&decode_bytes(&[0xff, 0xfe])), ErrorClass::InvalidUtf8);
+        assert_eq!(class(&decode("{not json")), ErrorClass::Undecodable);
+        assert_eq!(
+            class(&decode(r#"{"schema_version":2,"samples":[]}"#)),
+            ErrorClass::UnknownSchemaVersion
+        );
+        assert_eq!(
+            class(&decode(r#"{"metric":"cpu","time":1,"value":1}"#)),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            class(&decode(r#"{"entity":"n","metric":"cpu","value":1}"#)),
+            ErrorClass::MissingField
+        );
+        assert_eq!(
+            class(&decode(
+                r#"{"entity":"n","metric":"cpu","time":1,"value":"NaN"}"#
+            )),
+            ErrorClass::InvalidValue
+        );
+        assert_eq!(
+            class(&decode(
+                r#"{"entity":"n","metric":"cpu","time":1,"value":"+Inf"}"#
+            )),
+            ErrorClass::InvalidValue
+        );
+    }
+
+    fn decode_bytes(b: &[u8]) -> Decoded {
+        native(&Decoder::new(IngestConfig::default()), b, None)
+    }
+
+    #[test]
+    fn checks_time_against_the_message_time() {
+        let d = Decoder::new(IngestConfig::default());
+        let now = DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
+        let at = |ms: i64| format!(r#"{{"entity":"n","metric":"m","time":{ms},"value":1}}"#);
+        assert!(
+            native(&d, at(1_700_000_000_000).as_bytes(), Some(now))
+                .rejections
+                .is_empty()
+        );
+        let future = native(&d, at(1_700_000_000_000 + 3_600_000).as_bytes(), Some(now));
+        assert_eq!(class(&future), ErrorClass::TimestampOutOfRange);
+        let old = native(
+            &d,
+            at(1_700_000_000_000 - 30 * 86_400_000).as_bytes(),
+            Some(now),
+        );
+        assert_eq!(class(&old), ErrorClass::TimestampOutOfRange);
+    }
+
+    #[test]
+    fn keeps_the_good_samples_of_a_partly_bad_batch() {
+        let d = decode(
+            r#"[{"entity":"n1","metric":"cpu","time":1,"value":1},{"entity":"","metric":"cpu","time":1,"value":1},{"entity":"n3","metric":"cpu","time":3,"value":3}]"#,
+        );
+        assert_eq!(samples(&d).len(), 2);
+        assert_eq!(d.rejections.len(), 1);
+        assert!(
+            d.rejections[0].reason.starts_with("sample 1:"),
+            "{:?}",
+            d.rejections
+        );
+    }
+}
