@@ -50,7 +50,8 @@ mod prometheus;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use foresight_events::{ErrorClass, MetricSample, Rejection, Telemetry};
+pub use foresight_events::Telemetry;
+use foresight_events::{ErrorClass, MetricSample, Rejection};
 use serde::{Deserialize, Serialize};
 
 pub use native::NATIVE_SCHEMA_VERSION;

@@ -138,19 +138,28 @@ pub struct Read {
 }
 
 /// Reads everything currently in `topic`, from the beginning, with a throw-away consumer group.
-/// Keeps reading until `settle` passes with nothing new (or `max` passes).
+/// Once the group has its partitions, keeps reading until `settle` passes with nothing new (or
+/// `max` passes).
 pub fn read_all(topic: &str, settle: Duration, max: Duration) -> anyhow::Result<Vec<Read>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("reader-{}", tag()))
         .set("enable.auto.commit", "false")
+        // Do not let the broker hold a fetch for long: the settle time must see every message.
+        .set("fetch.wait.max.ms", "50")
         .set("auto.offset.reset", "earliest")
         .create()?;
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut last_new = Instant::now();
     let mut out = Vec::new();
-    while started.elapsed() < max && last_new.elapsed() < settle {
+    let mut assigned = false;
+    while started.elapsed() < max && (!assigned || last_new.elapsed() < settle) {
+        if !assigned && consumer.assignment()?.count() > 0 {
+            // The settle time counts from when the group has its partitions.
+            assigned = true;
+            last_new = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 last_new = Instant::now();
@@ -197,4 +206,44 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A configuration for one test that needs no database: its own topics and groups.
+pub fn config_without_db(prefix: &str) -> Config {
+    let mut config = Config::embedded();
+    config.kafka.brokers = brokers();
+    config.kafka.topic_prefix = format!("{prefix}.");
+    config.kafka.group_prefix = format!("{prefix}-");
+    config.runner.commit_interval = Duration::from_millis(200);
+    config
+}
+
+/// Creates topics (one partition each) if they do not exist.
+pub async fn create_topics(names: &[String]) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(topics.iter(), &AdminOptions::new())
+        .await?
+    {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => bail!("creating {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// The Python interpreter with the test clients' packages (installed by `deploy/dev/test.sh`).
+pub fn python() -> String {
+    std::env::var("FORESIGHT_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        format!("{home}/.cache/foresight-venv/bin/python")
+    })
 }
