@@ -13,6 +13,13 @@ step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 step "Local stack"
 deploy/dev/stack.sh up
 
+step "Test clients (OpenTelemetry Python SDK, confluent-kafka) in ${FORESIGHT_VENV:=$HOME/.cache/foresight-venv}"
+if [ ! -x "$FORESIGHT_VENV/bin/python" ] || ! "$FORESIGHT_VENV/bin/python" -c 'import confluent_kafka, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.common' 2>/dev/null; then
+    python3 -m venv "$FORESIGHT_VENV"
+    "$FORESIGHT_VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+fi
+export FORESIGHT_PYTHON="$FORESIGHT_VENV/bin/python"
+
 step "Formatting"
 cargo fmt --all --check
 
@@ -21,5 +28,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Tests"
 cargo test --workspace --locked
+
+step "Fuzzing every decoder for ${FUZZ_SECONDS:=20}s each"
+deploy/dev/fuzz.sh "$FUZZ_SECONDS"
 
 step "Done"

@@ -100,6 +100,8 @@ pub struct IngestConfig {
     pub retention: Duration,
     /// Attributes (OTLP) or labels (Prometheus) that name the entity, in order of preference.
     pub entity_keys: Vec<String>,
+    /// OTLP resource attributes kept as sample labels (a data point's own attributes always are).
+    pub resource_labels: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -115,6 +117,18 @@ impl Default for IngestConfig {
                 "instance",
                 "service.name",
                 "job",
+            ]
+            .map(String::from)
+            .to_vec(),
+            resource_labels: [
+                "service.name",
+                "service.namespace",
+                "deployment.environment",
+                "k8s.namespace.name",
+                "k8s.node.name",
+                "host.name",
+                "cloud.region",
+                "cloud.availability_zone",
             ]
             .map(String::from)
             .to_vec(),
@@ -192,9 +206,9 @@ impl Decoder {
         match detect(format, content_type, bytes) {
             Format::Native | Format::Auto => native::decode(bytes, &checks),
             Format::Prometheus => prometheus::decode(bytes, &self.config.entity_keys, &checks),
-            Format::OtlpJson => otlp::decode_json(bytes, &self.config.entity_keys, &checks),
+            Format::OtlpJson => otlp::decode_json(bytes, &self.config, &checks),
             Format::OtlpProto => {
-                otlp::decode_proto(bytes, signal, &self.config.entity_keys, &checks)
+                otlp::decode_proto(bytes, signal, &self.config, &checks)
             }
         }
     }

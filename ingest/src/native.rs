@@ -14,20 +14,24 @@ use crate::{
 /// The native schema version this build reads.
 pub const NATIVE_SCHEMA_VERSION: u32 = 1;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Message<'a> {
-    Batch(#[serde(borrow)] Batch<'a>),
-    Array(#[serde(borrow)] Vec<RawSample<'a>>),
-    One(#[serde(borrow)] RawSample<'a>),
-}
-
+/// A single sample or a batch object: one pass over the object reads either shape (an untagged
+/// enum would buffer the whole message and parse it up to three times).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Batch<'a> {
+struct RawObject<'a> {
     schema_version: Option<u32>,
     #[serde(borrow)]
-    samples: Vec<RawSample<'a>>,
+    samples: Option<Vec<RawSample<'a>>>,
+    #[serde(borrow)]
+    entity: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    metric: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    time: Option<RawTime<'a>>,
+    #[serde(borrow)]
+    value: Option<RawValue<'a>>,
+    #[serde(default, borrow)]
+    labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -46,19 +50,85 @@ struct RawSample<'a> {
     labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A time: epoch milliseconds or RFC 3339 text.
 enum RawTime<'a> {
     Millis(i64),
-    Text(#[serde(borrow)] Cow<'a, str>),
+    Text(Cow<'a, str>),
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A value: a number, or text holding one.
 pub(crate) enum RawValue<'a> {
     Number(f64),
-    Text(#[serde(borrow)] Cow<'a, str>),
+    Text(Cow<'a, str>),
 }
+
+/// Number-or-text visitor shared by [`RawTime`] and [`RawValue`] (hand-written: serde's untagged
+/// enums buffer every value before trying each variant).
+macro_rules! number_or_text {
+    ($ty:ident, $variant:ident, $num:ty, $what:literal) => {
+        impl<'de: 'a, 'a> Deserialize<'de> for $ty<'a> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V<'a>(std::marker::PhantomData<&'a ()>);
+                impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+                    type Value = $ty<'a>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                        Ok($ty::$variant(<$num as Num>::from_i64(v)))
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                        <$num as Num>::from_u64(v).map($ty::$variant).ok_or_else(|| E::custom("number out of range"))
+                    }
+                    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                        <$num as Num>::from_f64(v).map($ty::$variant).ok_or_else(|| E::custom("time must be whole milliseconds"))
+                    }
+                    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                        Ok($ty::Text(Cow::Borrowed(v)))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                        Ok($ty::Text(Cow::Owned(v.to_owned())))
+                    }
+                }
+                d.deserialize_any(V(std::marker::PhantomData))
+            }
+        }
+    };
+}
+
+/// The numbers a [`RawTime`] or [`RawValue`] holds.
+trait Num: Sized {
+    fn from_i64(v: i64) -> Self;
+    fn from_u64(v: u64) -> Option<Self>;
+    fn from_f64(v: f64) -> Option<Self>;
+}
+
+impl Num for f64 {
+    fn from_i64(v: i64) -> Self {
+        v as f64
+    }
+    fn from_u64(v: u64) -> Option<Self> {
+        Some(v as f64)
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(v)
+    }
+}
+
+impl Num for i64 {
+    fn from_i64(v: i64) -> Self {
+        v
+    }
+    fn from_u64(v: u64) -> Option<Self> {
+        i64::try_from(v).ok()
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        (v.fract() == 0.0 && v.abs() < 9.0e18).then_some(v as i64)
+    }
+}
+
+number_or_text!(RawTime, Millis, i64, "epoch milliseconds or an RFC 3339 time");
+number_or_text!(RawValue, Number, f64, "a number or a string holding one");
 
 impl RawValue<'_> {
     /// The value as a number: JSON numbers as they are, strings parsed (so "NaN" and "+Inf" become
@@ -88,19 +158,33 @@ pub(crate) fn decode(bytes: &[u8], checks: &At<'_>) -> Decoded {
         Ok(text) => text,
         Err(e) => return Decoded::rejected(ErrorClass::InvalidUtf8, format!("not UTF-8: {e}")),
     };
-    let message: Message<'_> = match serde_json::from_str(text) {
-        Ok(m) => m,
+    let first = text.bytes().find(|b| !b.is_ascii_whitespace());
+    let parsed = if first == Some(b'[') {
+        serde_json::from_str::<Vec<RawSample<'_>>>(text).map(|v| (None, v))
+    } else {
+        serde_json::from_str::<RawObject<'_>>(text).map(|o| match o.samples {
+            Some(samples) => (o.schema_version, samples),
+            None => (
+                None,
+                vec![RawSample {
+                    schema_version: o.schema_version,
+                    entity: o.entity,
+                    metric: o.metric,
+                    time: o.time,
+                    value: o.value,
+                    labels: o.labels,
+                }],
+            ),
+        })
+    };
+    let (version, raw) = match parsed {
+        Ok(p) => p,
         Err(e) => {
             return Decoded::rejected(
                 ErrorClass::Undecodable,
                 format!("not a native JSON sample, batch or array: {e}"),
             );
         }
-    };
-    let (version, raw) = match message {
-        Message::Batch(b) => (b.schema_version, b.samples),
-        Message::Array(samples) => (None, samples),
-        Message::One(s) => (None, vec![s]),
     };
     if let Some(v) = version.filter(|v| *v != NATIVE_SCHEMA_VERSION) {
         return Decoded {

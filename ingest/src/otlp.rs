@@ -20,9 +20,9 @@ use opentelemetry_proto::tonic::{
 use prost::Message as _;
 
 use crate::{
-    Decoded, Signal,
+    Decoded, IngestConfig, Signal,
     checks::{At, entity, nanos},
-    entity::identify,
+    entity::Resolver,
 };
 
 /// Attributes that name the peer of a client span, in order of preference.
@@ -37,7 +37,7 @@ const PEER_KEYS: [&str; 5] = [
 pub(crate) fn decode_proto(
     bytes: &[u8],
     signal: Signal,
-    keys: &[String],
+    config: &IngestConfig,
     checks: &At<'_>,
 ) -> Decoded {
     let undecodable = |e: prost::DecodeError, what: &str| {
@@ -48,11 +48,11 @@ pub(crate) fn decode_proto(
     };
     match signal {
         Signal::Metrics => match ExportMetricsServiceRequest::decode(bytes) {
-            Ok(r) => metrics(r, keys, checks),
+            Ok(r) => metrics(r, config, checks),
             Err(e) => undecodable(e, "ExportMetricsServiceRequest"),
         },
         Signal::Logs => match ExportLogsServiceRequest::decode(bytes) {
-            Ok(r) => logs(r, keys, checks),
+            Ok(r) => logs(r, config, checks),
             Err(e) => undecodable(e, "ExportLogsServiceRequest"),
         },
         Signal::Traces => match ExportTraceServiceRequest::decode(bytes) {
@@ -62,7 +62,7 @@ pub(crate) fn decode_proto(
     }
 }
 
-pub(crate) fn decode_json(bytes: &[u8], keys: &[String], checks: &At<'_>) -> Decoded {
+pub(crate) fn decode_json(bytes: &[u8], config: &IngestConfig, checks: &At<'_>) -> Decoded {
     if let Err(e) = std::str::from_utf8(bytes) {
         return Decoded::rejected(ErrorClass::InvalidUtf8, format!("not UTF-8: {e}"));
     }
@@ -76,7 +76,7 @@ pub(crate) fn decode_json(bytes: &[u8], keys: &[String], checks: &At<'_>) -> Dec
     };
     if has(b"\"resourceLogs\"") {
         match serde_json::from_slice(bytes) {
-            Ok(r) => logs(r, keys, checks),
+            Ok(r) => logs(r, config, checks),
             Err(e) => undecodable(e, "logs"),
         }
     } else if has(b"\"resourceSpans\"") {
@@ -86,7 +86,7 @@ pub(crate) fn decode_json(bytes: &[u8], keys: &[String], checks: &At<'_>) -> Dec
         }
     } else {
         match serde_json::from_slice(bytes) {
-            Ok(r) => metrics(r, keys, checks),
+            Ok(r) => metrics(r, config, checks),
             Err(e) => undecodable(e, "metrics"),
         }
     }
@@ -134,12 +134,12 @@ fn resource_pairs(resource: Option<&Resource>) -> Vec<(String, String)> {
     resource.map(|r| pairs(&r.attributes)).unwrap_or_default()
 }
 
-/// Collects one record's outcome.
-fn push(out: &mut Decoded, what: &str, result: Result<Telemetry, Rejection>) {
+/// Collects one record's outcome; `what` names the record in a rejection's reason.
+fn push(out: &mut Decoded, what: impl FnOnce() -> String, result: Result<Telemetry, Rejection>) {
     match result {
         Ok(t) => out.telemetry.push(t),
         Err(mut r) => {
-            r.reason = format!("{what}: {}", r.reason);
+            r.reason = format!("{}: {}", what(), r.reason);
             out.rejections.push(r);
         }
     }
@@ -197,10 +197,11 @@ fn quantile_name(q: f64) -> String {
     }
 }
 
-fn metrics(request: ExportMetricsServiceRequest, keys: &[String], checks: &At<'_>) -> Decoded {
+fn metrics(request: ExportMetricsServiceRequest, config: &IngestConfig, checks: &At<'_>) -> Decoded {
     let mut out = Decoded::default();
     for rm in request.resource_metrics {
         let resource = resource_pairs(rm.resource.as_ref());
+        let resolver = Resolver::new(&config.entity_keys, &resource, &config.resource_labels);
         for sm in rm.scope_metrics {
             for metric in sm.metrics {
                 let name = metric.name;
@@ -273,21 +274,21 @@ fn metrics(request: ExportMetricsServiceRequest, keys: &[String], checks: &At<'_
                 }
                 for (attributes, time, values) in points {
                     let attributes = pairs(&attributes);
-                    let identified = identify(keys, &attributes, &resource);
+                    let mut identified = resolver.identify(&attributes);
                     let time = nanos(time, "timeUnixNano");
-                    for (suffix, value) in values {
-                        let metric = if suffix.is_empty() {
-                            name.clone()
-                        } else {
-                            format!("{name}.{suffix}")
+                    let last = values.len().saturating_sub(1);
+                    for (i, (suffix, value)) in values.into_iter().enumerate() {
+                        let metric = if suffix.is_empty() { name.clone() } else { format!("{name}.{suffix}") };
+                        let result = match (&mut identified, &time) {
+                            (Ok((id, labels)), Ok(t)) => {
+                                // The last sample of a point takes its labels; the others copy them.
+                                let labels = if i == last { std::mem::take(labels) } else { labels.clone() };
+                                checks.sample(id.clone(), metric, *t, value, labels).map(Telemetry::Sample)
+                            }
+                            (Err(e), _) => Err(e.clone()),
+                            (_, Err(e)) => Err(e.clone()),
                         };
-                        let result = match (&identified, &time) {
-                            (Ok((id, labels)), Ok(t)) => checks
-                                .sample(id.clone(), metric.clone(), *t, value, labels.clone())
-                                .map(Telemetry::Sample),
-                            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
-                        };
-                        push(&mut out, &format!("metric {metric}"), result);
+                        push(&mut out, || format!("metric {name}.{suffix}"), result);
                     }
                 }
             }
@@ -329,15 +330,16 @@ fn severity(number: i32, text: &str) -> Severity {
     }
 }
 
-fn logs(request: ExportLogsServiceRequest, keys: &[String], checks: &At<'_>) -> Decoded {
+fn logs(request: ExportLogsServiceRequest, config: &IngestConfig, checks: &At<'_>) -> Decoded {
     let mut out = Decoded::default();
     for rl in request.resource_logs {
         let resource = resource_pairs(rl.resource.as_ref());
+        let resolver = Resolver::new(&config.entity_keys, &resource, &config.resource_labels);
         for sl in rl.scope_logs {
             for record in sl.log_records {
                 let result = (|| {
                     let attributes = pairs(&record.attributes);
-                    let (entity, attributes) = identify(keys, &attributes, &resource)?;
+                    let (entity, attributes) = resolver.identify(&attributes)?;
                     let ns = if record.time_unix_nano != 0 {
                         record.time_unix_nano
                     } else {
@@ -352,7 +354,7 @@ fn logs(request: ExportLogsServiceRequest, keys: &[String], checks: &At<'_>) -> 
                         attributes,
                     }))
                 })();
-                push(&mut out, "log record", result);
+                push(&mut out, || "log record".into(), result);
             }
         }
     }
@@ -477,7 +479,7 @@ fn traces(request: ExportTraceServiceRequest, checks: &At<'_>) -> Decoded {
                 latency_ms_max: t.latency_ms_max,
             }))
         })();
-        push(&mut out, "span", result);
+        push(&mut out, || "span".into(), result);
     }
     out
 }

@@ -80,7 +80,7 @@ fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, 
         })?;
     let value = s.value.ok_or_else(|| missing("value"))?.number()?;
     let pairs: Vec<(String, String)> = labels.into_iter().collect();
-    let (entity, labels) = identify(keys, &pairs, &[])?;
+    let (entity, labels) = identify(keys, &pairs, &[], &[])?;
     Ok(Telemetry::Sample(
         checks.sample(entity, name, time, value, labels)?,
     ))
