@@ -126,8 +126,10 @@ async fn opentelemetry_sdk_telemetry_becomes_features_logs_and_edges() -> anyhow
     };
     let proto = series("py-proto");
     let json = series("py-json");
+    // The counter's data point attribute (route) names its series.
+    let requests_series = r#"requests{route="/checkout"}"#;
     for name in [
-        "requests",
+        requests_series,
         "queue.depth",
         "latency_ms.count",
         "latency_ms.sum",
@@ -136,7 +138,9 @@ async fn opentelemetry_sdk_telemetry_becomes_features_logs_and_edges() -> anyhow
     ] {
         assert!(proto.contains_key(name), "{name} missing: {proto:?}");
     }
-    let n = proto["requests"].len().min(json["requests"].len());
+    let n = proto[requests_series]
+        .len()
+        .min(json[requests_series].len());
     for (name, values) in &proto {
         assert_eq!(
             &values[..n],
@@ -145,15 +149,15 @@ async fn opentelemetry_sdk_telemetry_becomes_features_logs_and_edges() -> anyhow
         );
     }
     // A cumulative counter of 5 per collection, a gauge of 10 per collection, 4 latencies each time.
-    assert_eq!(&proto["requests"][..3], &[5.0, 10.0, 15.0]);
+    assert_eq!(&proto[requests_series][..3], &[5.0, 10.0, 15.0]);
     assert_eq!(&proto["queue.depth"][..3], &[10.0, 20.0, 30.0]);
     assert_eq!(&proto["latency_ms.count"][..3], &[4.0, 8.0, 12.0]);
     assert_eq!(proto["latency_ms.sum"][0], 125.0);
     let requests = windows
         .iter()
-        .find(|w| w.entity.as_str() == "py-proto" && w.metrics.contains_key("requests"))
+        .find(|w| w.entity.as_str() == "py-proto" && w.metrics.contains_key(requests_series))
         .unwrap();
-    assert_eq!(requests.metrics["requests"].count, 1);
+    assert_eq!(requests.metrics[requests_series].count, 1);
 
     // Logs: counted by severity in the host's window.
     for host in ["py-proto", "py-json"] {

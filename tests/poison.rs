@@ -25,21 +25,62 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
 
     let now = Utc::now().duration_trunc(Delta::minutes(1))?;
     let start = now - Delta::hours(3);
-    let sample = |entity: &str, minute: i64, value: serde_json::Value| {
-        serde_json::json!({"entity": entity, "metric": "cpu_pct", "time": (start + Delta::minutes(minute)).to_rfc3339(), "value": value})
-    };
+    let sample = |entity: &str, minute: i64, value: serde_json::Value| serde_json::json!({"entity": entity, "metric": "cpu_pct", "time": (start + Delta::minutes(minute)).to_rfc3339(), "value": value});
     // Every kind of poison ingest rejects, with the class it must be rejected as.
     let poison: Vec<(&str, Vec<u8>)> = vec![
-        ("undecodable", b"{\"entity\": \"n-0\", \"metric\": ".to_vec()),
-        ("invalid_utf8", b"{\"entity\": \"n-\xff\xfe\", \"metric\": \"cpu_pct\", \"time\": 0, \"value\": 1}".to_vec()),
-        ("unknown_schema_version", serde_json::to_vec(&serde_json::json!({"schema_version": 2, "samples": [sample("n-0", 1, 1.0.into())]}))?),
-        ("missing_field", serde_json::to_vec(&serde_json::json!({"metric": "cpu_pct", "time": start.to_rfc3339(), "value": 1}))?),
-        ("missing_field", serde_json::to_vec(&serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "value": 1}))?),
-        ("invalid_value", serde_json::to_vec(&sample("n-0", 1, "NaN".into()))?),
-        ("invalid_value", serde_json::to_vec(&sample("n-0", 1, "-Inf".into()))?),
-        ("timestamp_out_of_range", serde_json::to_vec(&serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": (now + Delta::hours(2)).to_rfc3339(), "value": 1}))?),
-        ("timestamp_out_of_range", serde_json::to_vec(&serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": (now - Delta::days(30)).to_rfc3339(), "value": 1}))?),
-        ("oversize", serde_json::to_vec(&serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": start.to_rfc3339(), "value": 1, "labels": {"pad": "x".repeat(20_000)}}))?),
+        (
+            "undecodable",
+            b"{\"entity\": \"n-0\", \"metric\": ".to_vec(),
+        ),
+        (
+            "invalid_utf8",
+            b"{\"entity\": \"n-\xff\xfe\", \"metric\": \"cpu_pct\", \"time\": 0, \"value\": 1}"
+                .to_vec(),
+        ),
+        (
+            "unknown_schema_version",
+            serde_json::to_vec(
+                &serde_json::json!({"schema_version": 2, "samples": [sample("n-0", 1, 1.0.into())]}),
+            )?,
+        ),
+        (
+            "missing_field",
+            serde_json::to_vec(
+                &serde_json::json!({"metric": "cpu_pct", "time": start.to_rfc3339(), "value": 1}),
+            )?,
+        ),
+        (
+            "missing_field",
+            serde_json::to_vec(
+                &serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "value": 1}),
+            )?,
+        ),
+        (
+            "invalid_value",
+            serde_json::to_vec(&sample("n-0", 1, "NaN".into()))?,
+        ),
+        (
+            "invalid_value",
+            serde_json::to_vec(&sample("n-0", 1, "-Inf".into()))?,
+        ),
+        (
+            "timestamp_out_of_range",
+            serde_json::to_vec(
+                &serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": (now + Delta::hours(2)).to_rfc3339(), "value": 1}),
+            )?,
+        ),
+        (
+            "timestamp_out_of_range",
+            serde_json::to_vec(
+                &serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": (now - Delta::days(30)).to_rfc3339(), "value": 1}),
+            )?,
+        ),
+        (
+            "oversize",
+            serde_json::to_vec(
+                &serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": start.to_rfc3339(), "value": 1, "labels": {"pad": "x".repeat(20_000)}}),
+            )?,
+        ),
     ];
     // 3,000 good records (30 entities x 100 minutes) with 30 poison ones (1 %) spread among them,
     // each kind three times.
@@ -50,7 +91,10 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
         for e in 0..30 {
             let entity = format!("n-{e}");
             let value = 40.0 + ((minute * 7 + e * 13) % 17) as f64;
-            records.push((entity.clone(), serde_json::to_vec(&sample(&entity, minute, value.into()))?));
+            records.push((
+                entity.clone(),
+                serde_json::to_vec(&sample(&entity, minute, value.into()))?,
+            ));
             if (minute * 30 + e) % 100 == 99 {
                 let (class, bytes) = &poison[p % poison.len()];
                 records.push((entity, bytes.clone()));
@@ -64,11 +108,24 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
     // What the same input gives in-process: the reference for "every good record processed".
     let mut reference = InProcess::new(&config, true)?;
     for (i, (_, bytes)) in records.iter().enumerate() {
-        reference.feed(bytes, "t", Origin { input: 0, partition: 0, offset: i as i64 }, Some(Utc::now()));
+        reference.feed(
+            bytes,
+            "t",
+            Origin {
+                input: 0,
+                partition: 0,
+                offset: i as i64,
+            },
+            Some(Utc::now()),
+        );
     }
     let reference = reference.into_outputs();
     assert_eq!(reference.samples, 3000);
-    let want: BTreeMap<_, FeatureWindow> = reference.windows.iter().map(|w| (w.id(), w.clone())).collect();
+    let want: BTreeMap<_, FeatureWindow> = reference
+        .windows
+        .iter()
+        .map(|w| (w.id(), w.clone()))
+        .collect();
 
     produce(&producer()?, &topics.metrics, &records).await?;
     let shutdown = CancellationToken::new();
@@ -78,41 +135,64 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
     });
     let (features, dead_topic) = (topics.features.clone(), topics.dead_letters.clone());
     let n_windows = want.len();
-    let waited = eventually("every window and dead letter", Duration::from_secs(90), || {
-        let (features, dead_topic) = (features.clone(), dead_topic.clone());
-        async move {
-            let windows = read_all(&features, Duration::from_secs(1), Duration::from_secs(20))?;
-            let dead = read_all(&dead_topic, Duration::from_secs(1), Duration::from_secs(20))?;
-            Ok((windows.len() >= n_windows && dead.len() >= 30).then_some((windows, dead)))
-        }
-    })
+    let waited = eventually(
+        "every window and dead letter",
+        Duration::from_secs(90),
+        || {
+            let (features, dead_topic) = (features.clone(), dead_topic.clone());
+            async move {
+                let windows = read_all(&features, Duration::from_secs(1), Duration::from_secs(20))?;
+                let dead = read_all(&dead_topic, Duration::from_secs(1), Duration::from_secs(20))?;
+                Ok((windows.len() >= n_windows && dead.len() >= 30).then_some((windows, dead)))
+            }
+        },
+    )
     .await;
     shutdown.cancel();
     stage.await??;
     let (windows, dead) = waited?;
 
     // 100 % of the good records: the same windows (ids and contents) as in-process, each once.
-    let got: Vec<FeatureWindow> = windows.iter().map(|m| Event::<FeatureWindow>::from_json(&m.payload).map(|e| e.data)).collect::<Result<_, _>>()?;
+    let got: Vec<FeatureWindow> = windows
+        .iter()
+        .map(|m| Event::<FeatureWindow>::from_json(&m.payload).map(|e| e.data))
+        .collect::<Result<_, _>>()?;
     assert_eq!(got.len(), want.len(), "a window was lost or doubled");
     for w in &got {
         assert_eq!(Some(w), want.get(&w.id()), "window {} differs", w.id());
     }
     let counted: u64 = got.iter().map(|w| w.metrics["cpu_pct"].count).sum();
-    assert_eq!(counted, 3000 - 30, "every good sample is in a window but each entity's last, still open");
+    assert_eq!(
+        counted,
+        3000 - 30,
+        "every good sample is in a window but each entity's last, still open"
+    );
 
     // 100 % of the poison: in the dead-letter topic, original bytes, class and reason.
     assert_eq!(dead.len(), 30);
     let mut classes: BTreeMap<String, usize> = BTreeMap::new();
     let poison_bytes: BTreeSet<&[u8]> = poison.iter().map(|(_, b)| b.as_slice()).collect();
     for m in &dead {
-        let dl = DeadLetter::from_headers(m.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())), m.key.clone(), m.payload.clone())
-            .expect("dead-letter headers");
-        assert!(poison_bytes.contains(dl.payload.as_slice()), "original bytes kept");
+        let dl = DeadLetter::from_headers(
+            m.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+            m.key.clone(),
+            m.payload.clone(),
+        )
+        .expect("dead-letter headers");
+        assert!(
+            poison_bytes.contains(dl.payload.as_slice()),
+            "original bytes kept"
+        );
         assert!(!dl.reason.is_empty());
         assert_eq!(dl.source_topic, topics.metrics);
-        *classes.entry(dl.error_class.as_str().to_owned()).or_default() += 1;
+        *classes
+            .entry(dl.error_class.as_str().to_owned())
+            .or_default() += 1;
     }
-    let expected: BTreeMap<String, usize> = expected_dead.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let expected: BTreeMap<String, usize> = expected_dead
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     assert_eq!(classes, expected);
     Ok(())
 }

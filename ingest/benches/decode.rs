@@ -11,14 +11,21 @@ use foresight_ingest::{Decoder, Format, IngestConfig, Signal};
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value::Value},
-    metrics::v1::{Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point},
+    metrics::v1::{
+        Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric, number_data_point,
+    },
     resource::v1::Resource,
 };
 use prost::Message as _;
 
 /// Runs `f` (which processes `items` items) in alternating rounds with the baseline and returns
 /// the median items per second of each.
-fn compare(rounds: usize, items: u64, mut baseline: impl FnMut(), mut ours: impl FnMut()) -> (f64, f64) {
+fn compare(
+    rounds: usize,
+    items: u64,
+    mut baseline: impl FnMut(),
+    mut ours: impl FnMut(),
+) -> (f64, f64) {
     let mut b = Vec::new();
     let mut o = Vec::new();
     for _ in 0..rounds {
@@ -37,7 +44,13 @@ fn compare(rounds: usize, items: u64, mut baseline: impl FnMut(), mut ours: impl
 }
 
 fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue { key: k.into(), value: Some(AnyValue { value: Some(Value::StringValue(v.into())) }), ..Default::default() }
+    KeyValue {
+        key: k.into(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
 }
 
 fn main() {
@@ -72,20 +85,30 @@ fn main() {
         || {
             for _ in 0..repeat {
                 for m in &messages {
-                    let d = decoder.decode(black_box(m), Format::Native, Signal::Metrics, None, None);
+                    let d =
+                        decoder.decode(black_box(m), Format::Native, Signal::Metrics, None, None);
                     assert_eq!(d.telemetry.len(), 1);
                     black_box(d);
                 }
             }
         },
     );
-    println!("| native JSON, {avg}-byte samples | serde_json::Value | {b:.0} | {o:.0} | {:.2} |", o / b);
+    println!(
+        "| native JSON, {avg}-byte samples | serde_json::Value | {b:.0} | {o:.0} | {:.2} |",
+        o / b
+    );
 
     // OTLP protobuf: requests of 1,000 gauge points each (100 hosts x 10 metrics).
     let request = ExportMetricsServiceRequest {
         resource_metrics: (0..100)
             .map(|h| ResourceMetrics {
-                resource: Some(Resource { attributes: vec![kv("host.name", &format!("host-{h}")), kv("service.name", "node")], ..Default::default() }),
+                resource: Some(Resource {
+                    attributes: vec![
+                        kv("host.name", &format!("host-{h}")),
+                        kv("service.name", "node"),
+                    ],
+                    ..Default::default()
+                }),
                 scope_metrics: vec![ScopeMetrics {
                     metrics: (0..10)
                         .map(|m| Metric {
@@ -115,16 +138,27 @@ fn main() {
         points,
         || {
             for _ in 0..reps {
-                black_box(ExportMetricsServiceRequest::decode(black_box(bytes.as_slice())).unwrap());
+                black_box(
+                    ExportMetricsServiceRequest::decode(black_box(bytes.as_slice())).unwrap(),
+                );
             }
         },
         || {
             for _ in 0..reps {
-                let d = decoder.decode(black_box(&bytes), Format::OtlpProto, Signal::Metrics, None, None);
+                let d = decoder.decode(
+                    black_box(&bytes),
+                    Format::OtlpProto,
+                    Signal::Metrics,
+                    None,
+                    None,
+                );
                 assert_eq!(d.telemetry.len(), 1000);
                 black_box(d);
             }
         },
     );
-    println!("| OTLP protobuf, 1,000-point requests | prost decode | {b:.0} | {o:.0} | {:.2} |", o / b);
+    println!(
+        "| OTLP protobuf, 1,000-point requests | prost decode | {b:.0} | {o:.0} | {:.2} |",
+        o / b
+    );
 }

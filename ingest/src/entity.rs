@@ -6,20 +6,11 @@ use foresight_events::{EntityId, ErrorClass, Rejection};
 
 use crate::checks::entity;
 
-/// Picks the entity: the first of `keys` found in `record`, then in `resource`. The record's other
-/// attributes become labels, and of its resource's only those in `promoted` (resources carry many
-/// attributes, such as SDK and process details, that would bloat every sample; the
-/// OpenTelemetry Collector's Prometheus exporter leaves them out by default for the same reason).
-pub(crate) fn identify(
-    keys: &[String],
-    record: &[(String, String)],
-    resource: &[(String, String)],
-    promoted: &[String],
-) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
-    Resolver::new(keys, resource, promoted).identify(record)
-}
-
-/// [`identify`] with the resource's part worked out once for all of its records.
+/// Picks the entity of records: the first of `keys` found in the record, then in its resource.
+/// Of the resource's attributes only those `promoted` become labels (resources carry many, such
+/// as SDK and process details, that would bloat every sample; the OpenTelemetry Collector's
+/// Prometheus exporter leaves them out by default for the same reason). The resource's part is
+/// worked out once for all of its records.
 pub(crate) struct Resolver<'a> {
     keys: &'a [String],
     /// The resource's own best entity key (its index in `keys`), and the entity it names.
@@ -31,7 +22,11 @@ pub(crate) struct Resolver<'a> {
 }
 
 impl<'a> Resolver<'a> {
-    pub(crate) fn new(keys: &'a [String], resource: &[(String, String)], promoted: &[String]) -> Self {
+    pub(crate) fn new(
+        keys: &'a [String],
+        resource: &[(String, String)],
+        promoted: &[String],
+    ) -> Self {
         let resource_entity = keys.iter().enumerate().find_map(|(i, k)| {
             resource
                 .iter()
@@ -47,34 +42,111 @@ impl<'a> Resolver<'a> {
         if let Some((i, _)) = &resource_entity {
             labels.remove(&keys[*i]);
         }
-        Self { keys, resource_entity, labels, all_labels }
+        Self {
+            keys,
+            resource_entity,
+            labels,
+            all_labels,
+        }
     }
 
-    pub(crate) fn identify(&self, record: &[(String, String)]) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
-        let limit = self.resource_entity.as_ref().map_or(self.keys.len(), |(i, _)| i + 1);
-        let own = self.keys[..limit].iter().find_map(|k| record.iter().find(|(name, value)| name == k && !value.is_empty()));
-        let (id, mut labels, skip) = match (own, &self.resource_entity) {
-            (Some((key, value)), _) => {
+    /// The entity of a record, and the record attribute that named it (if the record did).
+    fn choose<'r>(
+        &self,
+        record: &'r [(String, String)],
+    ) -> Result<(EntityId, Option<&'r str>), Rejection> {
+        let limit = self
+            .resource_entity
+            .as_ref()
+            .map_or(self.keys.len(), |(i, _)| i + 1);
+        let own = self.keys[..limit].iter().find_map(|k| {
+            record
+                .iter()
+                .find(|(name, value)| name == k && !value.is_empty())
+        });
+        match (own, &self.resource_entity) {
+            (Some((key, value)), _) => Ok((entity(value)?, Some(key.as_str()))),
+            (None, Some((_, Ok(id)))) => Ok((id.clone(), None)),
+            (None, Some((_, Err(e)))) => Err(e.clone()),
+            (None, None) => Err(Rejection::new(
+                ErrorClass::MissingField,
+                format!(
+                    "no entity: none of the attributes {:?} (ingest.entity_keys) is set",
+                    self.keys
+                ),
+            )),
+        }
+    }
+
+    fn resource_labels(&self, record_key: Option<&str>) -> BTreeMap<String, String> {
+        match record_key {
+            Some(key) => {
                 let mut labels = self.all_labels.clone();
                 labels.remove(key);
-                (entity(value)?, labels, Some(key.as_str()))
+                labels
             }
-            (None, Some((_, Ok(id)))) => (id.clone(), self.labels.clone(), None),
-            (None, Some((_, Err(e)))) => return Err(e.clone()),
-            (None, None) => {
-                return Err(Rejection::new(
-                    ErrorClass::MissingField,
-                    format!("no entity: none of the attributes {:?} (ingest.entity_keys) is set", self.keys),
-                ));
-            }
-        };
+            None => self.labels.clone(),
+        }
+    }
+
+    /// The entity, and the record's other attributes plus the promoted resource ones as labels.
+    pub(crate) fn identify(
+        &self,
+        record: &[(String, String)],
+    ) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
+        let (id, key) = self.choose(record)?;
+        let mut labels = self.resource_labels(key);
         for (name, value) in record {
-            if Some(name.as_str()) != skip {
+            if Some(name.as_str()) != key {
                 labels.insert(name.clone(), value.clone());
             }
         }
         Ok((id, labels))
     }
+
+    /// For a metric data point: its own attributes (but the one naming the entity) tell its series
+    /// apart (cpu 0 from cpu 1, used from free), so they go into the series name as a
+    /// Prometheus-style selector, e.g. `{cpu="0",state="used"}` (sorted; empty when there are
+    /// none), and are not repeated as labels. The labels hold the promoted resource attributes.
+    pub(crate) fn series(
+        &self,
+        record: &[(String, String)],
+    ) -> Result<(EntityId, BTreeMap<String, String>, String), Rejection> {
+        let (id, key) = self.choose(record)?;
+        let mut own: Vec<(&str, &str)> = record
+            .iter()
+            .filter(|(name, _)| Some(name.as_str()) != key)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        own.sort_unstable();
+        Ok((id, self.resource_labels(key), selector(&own)))
+    }
+}
+
+/// `{k="v",...}` with Prometheus' escaping of `\`, `"` and newlines; empty for no pairs.
+pub(crate) fn selector(pairs: &[(&str, &str)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("{");
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 #[cfg(test)]
@@ -91,9 +163,8 @@ mod tests {
     #[test]
     fn prefers_keys_in_order_and_the_record_over_the_resource() {
         let keys = vec!["k8s.pod.name".to_string(), "host.name".to_string()];
-        let (id, labels) = identify(
+        let (id, labels) = Resolver::new(
             &keys,
-            &kv(&[("host.name", "h-record"), ("cpu", "0")]),
             &kv(&[
                 ("host.name", "h-resource"),
                 ("k8s.pod.name", "pod-1"),
@@ -102,13 +173,30 @@ mod tests {
             ]),
             &["zone".to_string()],
         )
+        .identify(&kv(&[("host.name", "h-record"), ("cpu", "0")]))
         .unwrap();
         assert_eq!(id.as_str(), "pod-1");
         assert_eq!(labels["host.name"], "h-record");
         assert_eq!(labels["zone"], "a");
         assert!(!labels.contains_key("k8s.pod.name"));
         assert!(!labels.contains_key("telemetry.sdk.name"), "not promoted");
-        let err = identify(&keys, &kv(&[("a", "b")]), &[], &[]).unwrap_err();
+        let err = Resolver::new(&keys, &[], &[])
+            .identify(&kv(&[("a", "b")]))
+            .unwrap_err();
         assert_eq!(err.class, ErrorClass::MissingField);
+    }
+
+    #[test]
+    fn point_attributes_name_the_series() {
+        let keys = vec!["host.name".to_string()];
+        let resource = kv(&[("host.name", "h1"), ("service.name", "api")]);
+        let r = Resolver::new(&keys, &resource, &["service.name".to_string()]);
+        let (id, labels, series) = r.series(&kv(&[("state", "used"), ("cpu", "0")])).unwrap();
+        assert_eq!(id.as_str(), "h1");
+        assert_eq!(series, r#"{cpu="0",state="used"}"#);
+        assert_eq!(labels.len(), 1);
+        assert_eq!(labels["service.name"], "api");
+        assert_eq!(r.series(&[]).unwrap().2, "");
+        assert_eq!(selector(&[("p", "a\"b\\c")]), r#"{p="a\"b\\c"}"#);
     }
 }

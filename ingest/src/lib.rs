@@ -207,9 +207,7 @@ impl Decoder {
             Format::Native | Format::Auto => native::decode(bytes, &checks),
             Format::Prometheus => prometheus::decode(bytes, &self.config.entity_keys, &checks),
             Format::OtlpJson => otlp::decode_json(bytes, &self.config, &checks),
-            Format::OtlpProto => {
-                otlp::decode_proto(bytes, signal, &self.config, &checks)
-            }
+            Format::OtlpProto => otlp::decode_proto(bytes, signal, &self.config, &checks),
         }
     }
 }

@@ -78,12 +78,19 @@ macro_rules! number_or_text {
                         Ok($ty::$variant(<$num as Num>::from_i64(v)))
                     }
                     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                        <$num as Num>::from_u64(v).map($ty::$variant).ok_or_else(|| E::custom("number out of range"))
+                        <$num as Num>::from_u64(v)
+                            .map($ty::$variant)
+                            .ok_or_else(|| E::custom("number out of range"))
                     }
                     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                        <$num as Num>::from_f64(v).map($ty::$variant).ok_or_else(|| E::custom("time must be whole milliseconds"))
+                        <$num as Num>::from_f64(v)
+                            .map($ty::$variant)
+                            .ok_or_else(|| E::custom("time must be whole milliseconds"))
                     }
-                    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                    fn visit_borrowed_str<E: serde::de::Error>(
+                        self,
+                        v: &'de str,
+                    ) -> Result<Self::Value, E> {
                         Ok($ty::Text(Cow::Borrowed(v)))
                     }
                     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
@@ -127,7 +134,12 @@ impl Num for i64 {
     }
 }
 
-number_or_text!(RawTime, Millis, i64, "epoch milliseconds or an RFC 3339 time");
+number_or_text!(
+    RawTime,
+    Millis,
+    i64,
+    "epoch milliseconds or an RFC 3339 time"
+);
 number_or_text!(RawValue, Number, f64, "a number or a string holding one");
 
 impl RawValue<'_> {

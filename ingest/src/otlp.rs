@@ -197,7 +197,11 @@ fn quantile_name(q: f64) -> String {
     }
 }
 
-fn metrics(request: ExportMetricsServiceRequest, config: &IngestConfig, checks: &At<'_>) -> Decoded {
+fn metrics(
+    request: ExportMetricsServiceRequest,
+    config: &IngestConfig,
+    checks: &At<'_>,
+) -> Decoded {
     let mut out = Decoded::default();
     for rm in request.resource_metrics {
         let resource = resource_pairs(rm.resource.as_ref());
@@ -274,16 +278,25 @@ fn metrics(request: ExportMetricsServiceRequest, config: &IngestConfig, checks: 
                 }
                 for (attributes, time, values) in points {
                     let attributes = pairs(&attributes);
-                    let mut identified = resolver.identify(&attributes);
+                    let mut identified = resolver.series(&attributes);
                     let time = nanos(time, "timeUnixNano");
                     let last = values.len().saturating_sub(1);
                     for (i, (suffix, value)) in values.into_iter().enumerate() {
-                        let metric = if suffix.is_empty() { name.clone() } else { format!("{name}.{suffix}") };
                         let result = match (&mut identified, &time) {
-                            (Ok((id, labels)), Ok(t)) => {
+                            (Ok((id, labels, series)), Ok(t)) => {
+                                let metric = match suffix.is_empty() {
+                                    true => format!("{name}{series}"),
+                                    false => format!("{name}.{suffix}{series}"),
+                                };
                                 // The last sample of a point takes its labels; the others copy them.
-                                let labels = if i == last { std::mem::take(labels) } else { labels.clone() };
-                                checks.sample(id.clone(), metric, *t, value, labels).map(Telemetry::Sample)
+                                let labels = if i == last {
+                                    std::mem::take(labels)
+                                } else {
+                                    labels.clone()
+                                };
+                                checks
+                                    .sample(id.clone(), metric, *t, value, labels)
+                                    .map(Telemetry::Sample)
                             }
                             (Err(e), _) => Err(e.clone()),
                             (_, Err(e)) => Err(e.clone()),
@@ -579,9 +592,12 @@ mod tests {
         let s = &samples(&proto)[0];
         assert_eq!(
             (s.entity.as_str(), s.metric.as_str(), s.value),
-            ("h1", "system.cpu.utilization", 0.5)
+            ("h1", r#"system.cpu.utilization{cpu="0"}"#, 0.5)
         );
-        assert_eq!(s.labels["cpu"], "0");
+        assert!(
+            s.labels.is_empty(),
+            "only promoted resource attributes, and host.name named the entity"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::{
     Decoded,
     checks::{At, missing},
-    entity::identify,
+    entity::Resolver,
     native::RawValue,
 };
 
@@ -80,9 +80,11 @@ fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, 
         })?;
     let value = s.value.ok_or_else(|| missing("value"))?.number()?;
     let pairs: Vec<(String, String)> = labels.into_iter().collect();
-    let (entity, labels) = identify(keys, &pairs, &[], &[])?;
+    // The labels other than the entity's tell the series apart: they go into its name.
+    let (entity, labels, series) = Resolver::new(keys, &[], &[]).series(&pairs)?;
+    let metric = format!("{name}{series}");
     Ok(Telemetry::Sample(
-        checks.sample(entity, name, time, value, labels)?,
+        checks.sample(entity, metric, time, value, labels)?,
     ))
 }
 
@@ -111,10 +113,9 @@ mod tests {
         let s: Vec<&MetricSample> = d.samples().collect();
         assert_eq!(s.len(), 1, "{d:?}");
         assert_eq!(s[0].entity.as_str(), "host-1:9100");
-        assert_eq!(s[0].metric, "node_load1");
+        assert_eq!(s[0].metric, r#"node_load1{job="node"}"#);
         assert_eq!(s[0].value, 0.25);
-        assert_eq!(s[0].labels.get("job").map(String::as_str), Some("node"));
-        assert!(!s[0].labels.contains_key("__name__"));
+        assert!(s[0].labels.is_empty());
     }
 
     #[test]
@@ -154,7 +155,8 @@ mod tests {
             let mut expected = labels;
             expected.remove("instance");
             expected.remove("__name__");
-            prop_assert_eq!(&s[0].labels, &expected);
+            let pairs: Vec<(&str, &str)> = expected.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            prop_assert_eq!(&s[0].metric, &format!("m{}", crate::entity::selector(&pairs)));
         }
     }
 }

@@ -220,7 +220,13 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed("FORESIGHT_").split("__"));
+        // Only variables that name a configuration section: others (FORESIGHT_CONFIG, the dev
+        // scripts' FORESIGHT_DATA, ...) are not configuration.
+        let env = Env::prefixed("FORESIGHT_").filter(|key| {
+            let section = key.as_str().split("__").next().unwrap_or_default();
+            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
+        });
+        figment = figment.merge(env.split("__"));
         Self::extract(&figment)
     }
 
@@ -483,6 +489,8 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("f.toml", "[kafka]\nbrokers = \"file:9092\"\n")?;
             jail.set_env("FORESIGHT_KAFKA__BROKERS", "env:9092");
+            jail.set_env("FORESIGHT_CONFIG", "f.toml"); // not configuration: ignored
+            jail.set_env("FORESIGHT_PYTHON", "/usr/bin/python3");
             let config = Config::load(Some(Path::new("f.toml"))).unwrap();
             assert_eq!(config.kafka.brokers, "env:9092");
             Ok(())

@@ -307,32 +307,34 @@ impl Processor for Scorer {
         let steps = (horizon_ms + window_ms - 1) / window_ms;
         let mut signals: Vec<(Breach, Contributor)> = Vec::new();
         for threshold in &self.config.thresholds {
-            let Some(stats) = window.metrics.get(&threshold.metric) else {
-                continue;
-            };
-            let Some(breach) = self.breach(stats, threshold, steps as usize) else {
-                continue;
-            };
-            let (op, limit) = match (threshold.above, threshold.below) {
-                (Some(a), _) => (">", a),
-                (_, b) => ("<", b.unwrap_or_default()),
-            };
-            let detail = format!(
-                "{} forecast {:.3} at the horizon (now {:.3}); P({} {op} {limit}) = {:.3}",
-                threshold.metric,
-                breach.forecast_at_horizon,
-                stats.mean,
-                threshold.metric,
-                breach.probability
-            );
-            let contributor = Contributor {
-                signal: "forecast_breach".into(),
-                metric: Some(threshold.metric.clone()),
-                probability: breach.probability,
-                value: breach.forecast_at_horizon,
-                detail,
-            };
-            signals.push((breach, contributor));
+            // A threshold on `m` applies to `m` and to each of its series `m{...}`.
+            let m = threshold.metric.as_str();
+            let series = window
+                .metrics
+                .range(threshold.metric.clone()..)
+                .take_while(|(name, _)| name.starts_with(m))
+                .filter(|(name, _)| name.len() == m.len() || name.as_bytes()[m.len()] == b'{');
+            for (name, stats) in series {
+                let Some(breach) = self.breach(stats, threshold, steps as usize) else {
+                    continue;
+                };
+                let (op, limit) = match (threshold.above, threshold.below) {
+                    (Some(a), _) => (">", a),
+                    (_, b) => ("<", b.unwrap_or_default()),
+                };
+                let detail = format!(
+                    "{name} forecast {:.3} at the horizon (now {:.3}); P({name} {op} {limit}) = {:.3}",
+                    breach.forecast_at_horizon, stats.mean, breach.probability
+                );
+                let contributor = Contributor {
+                    signal: "forecast_breach".into(),
+                    metric: Some(name.clone()),
+                    probability: breach.probability,
+                    value: breach.forecast_at_horizon,
+                    detail,
+                };
+                signals.push((breach, contributor));
+            }
         }
         if signals.is_empty() {
             return;
@@ -502,5 +504,32 @@ mod tests {
             ..ScoringConfig::default()
         };
         assert_eq!(cfg.validate().len(), 3);
+    }
+
+    #[test]
+    fn a_threshold_covers_every_series_of_its_metric() {
+        let mut s = scorer(above("disk_used_pct", 95.0));
+        let steady: Vec<f64> = (0..48).map(|i| 40.0 + noise(i)).collect();
+        let filling: Vec<f64> = (0..48)
+            .map(|i| 30.0 + 1.2 * i as f64 + 0.5 * noise(i))
+            .collect();
+        let mut w = window(r#"disk_used_pct{mount="/"}"#, steady);
+        let other = window(r#"disk_used_pct{mount="/data"}"#, filling);
+        w.metrics.extend(other.metrics);
+        w.metrics.insert(
+            "disk_used_pct_other".into(),
+            w.metrics[r#"disk_used_pct{mount="/"}"#].clone(),
+        );
+        let r = score(&mut s, w).unwrap();
+        assert_eq!(
+            r.contributors.len(),
+            2,
+            "the two series, not the other metric"
+        );
+        assert_eq!(
+            r.contributors[0].metric.as_deref(),
+            Some(r#"disk_used_pct{mount="/data"}"#)
+        );
+        assert_eq!(r.band, Band::High);
     }
 }
