@@ -26,8 +26,11 @@ cargo fmt --all --check
 step "Lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "Tests"
-cargo test --workspace --locked
+step "Tests (unit, property, end-to-end; benchmarks in quick mode so they cannot rot)"
+cargo test --workspace --all-targets --locked
+
+step "Doc examples"
+cargo test --workspace --doc --locked
 
 step "Fuzzing every decoder for ${FUZZ_SECONDS:=20}s each"
 deploy/dev/fuzz.sh "$FUZZ_SECONDS"

@@ -30,9 +30,11 @@ pub const MAX_ENTITY_LEN: usize = 256;
 
 /// The id of a component (host, pod, service, pump...): non-empty, at most [`MAX_ENTITY_LEN`] bytes,
 /// no control characters. It is the Kafka key of every message about the entity.
+///
+/// Cheap to clone (a shared string): every sample, window and score carries one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
 #[serde(transparent)]
-pub struct EntityId(String);
+pub struct EntityId(std::sync::Arc<str>);
 
 /// Why a string is not an entity id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,7 +63,7 @@ impl EntityId {
         if id.chars().any(char::is_control) {
             return Err(EntityIdError::ControlCharacter);
         }
-        Ok(Self(id))
+        Ok(Self(id.into()))
     }
 
     /// The id as text.

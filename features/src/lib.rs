@@ -106,7 +106,15 @@ struct Accumulator {
     max: f64,
     last: f64,
     last_time: i64,
+    /// Sample times seen in the window (sorted, at most [`DEDUP_TIMES`]): a sample re-sent with
+    /// the same time (a producer retry, a replayed batch) is the same sample and is not counted
+    /// twice. Beyond the cap (series faster than that many samples per window) it is not tracked,
+    /// to keep memory per open window bounded.
+    times: Vec<i64>,
 }
+
+/// Most sample times remembered per metric per open window for deduplication (512 bytes).
+pub const DEDUP_TIMES: usize = 64;
 
 impl Accumulator {
     fn new(value: f64, time: i64) -> Self {
@@ -117,10 +125,16 @@ impl Accumulator {
             max: value,
             last: value,
             last_time: time,
+            times: vec![time],
         }
     }
 
     fn add(&mut self, value: f64, time: i64) {
+        match self.times.binary_search(&time) {
+            Ok(_) => return, // Seen: a duplicate.
+            Err(at) if self.times.len() < DEDUP_TIMES => self.times.insert(at, time),
+            Err(_) => {}
+        }
         self.count += 1;
         self.sum += value;
         self.min = self.min.min(value);
@@ -638,5 +652,19 @@ mod tests {
             FeaturesOutput::Window(w.clone()).into_message("/t").route,
             0
         );
+    }
+
+    #[test]
+    fn duplicate_samples_count_once() {
+        let out = run(vec![
+            sample("a", "cpu", 0, 1.0),
+            sample("a", "cpu", 10, 3.0),
+            sample("a", "cpu", 0, 1.0),  // re-sent
+            sample("a", "cpu", 10, 3.0), // re-sent
+            sample("a", "cpu", 65, 7.0),
+        ]);
+        let w = windows(&out);
+        assert_eq!(w[0].metrics["cpu"].count, 2);
+        assert_eq!(w[0].metrics["cpu"].mean, 2.0);
     }
 }

@@ -6,6 +6,30 @@ use foresight_events::{EntityId, ErrorClass, Rejection};
 
 use crate::checks::entity;
 
+/// An attribute: a name and its value as text, owned or borrowed from the decoded message.
+pub(crate) trait Pair {
+    fn name(&self) -> &str;
+    fn value(&self) -> &str;
+}
+
+impl Pair for (String, String) {
+    fn name(&self) -> &str {
+        &self.0
+    }
+    fn value(&self) -> &str {
+        &self.1
+    }
+}
+
+impl Pair for (&str, std::borrow::Cow<'_, str>) {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn value(&self) -> &str {
+        &self.1
+    }
+}
+
 /// Picks the entity of records: the first of `keys` found in the record, then in its resource.
 /// Of the resource's attributes only those `promoted` become labels (resources carry many, such
 /// as SDK and process details, that would bloat every sample; the OpenTelemetry Collector's
@@ -22,21 +46,22 @@ pub(crate) struct Resolver<'a> {
 }
 
 impl<'a> Resolver<'a> {
-    pub(crate) fn new(
-        keys: &'a [String],
-        resource: &[(String, String)],
-        promoted: &[String],
-    ) -> Self {
+    /// A resolver for records without a resource (Prometheus samples).
+    pub(crate) fn without_resource(keys: &'a [String]) -> Self {
+        Self::new::<(String, String)>(keys, &[], &[])
+    }
+
+    pub(crate) fn new<P: Pair>(keys: &'a [String], resource: &[P], promoted: &[String]) -> Self {
         let resource_entity = keys.iter().enumerate().find_map(|(i, k)| {
             resource
                 .iter()
-                .find(|(name, value)| name == k && !value.is_empty())
-                .map(|(_, value)| (i, entity(value)))
+                .find(|p| p.name() == k && !p.value().is_empty())
+                .map(|p| (i, entity(p.value())))
         });
         let all_labels: BTreeMap<String, String> = resource
             .iter()
-            .filter(|(name, _)| promoted.contains(name))
-            .cloned()
+            .filter(|p| promoted.iter().any(|k| k == p.name()))
+            .map(|p| (p.name().to_owned(), p.value().to_owned()))
             .collect();
         let mut labels = all_labels.clone();
         if let Some((i, _)) = &resource_entity {
@@ -51,9 +76,9 @@ impl<'a> Resolver<'a> {
     }
 
     /// The entity of a record, and the record attribute that named it (if the record did).
-    fn choose<'r>(
+    fn choose<'r, P: Pair>(
         &self,
-        record: &'r [(String, String)],
+        record: &'r [P],
     ) -> Result<(EntityId, Option<&'r str>), Rejection> {
         let limit = self
             .resource_entity
@@ -62,10 +87,10 @@ impl<'a> Resolver<'a> {
         let own = self.keys[..limit].iter().find_map(|k| {
             record
                 .iter()
-                .find(|(name, value)| name == k && !value.is_empty())
+                .find(|p| p.name() == k && !p.value().is_empty())
         });
         match (own, &self.resource_entity) {
-            (Some((key, value)), _) => Ok((entity(value)?, Some(key.as_str()))),
+            (Some(p), _) => Ok((entity(p.value())?, Some(p.name()))),
             (None, Some((_, Ok(id)))) => Ok((id.clone(), None)),
             (None, Some((_, Err(e)))) => Err(e.clone()),
             (None, None) => Err(Rejection::new(
@@ -90,15 +115,15 @@ impl<'a> Resolver<'a> {
     }
 
     /// The entity, and the record's other attributes plus the promoted resource ones as labels.
-    pub(crate) fn identify(
+    pub(crate) fn identify<P: Pair>(
         &self,
-        record: &[(String, String)],
+        record: &[P],
     ) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
         let (id, key) = self.choose(record)?;
         let mut labels = self.resource_labels(key);
-        for (name, value) in record {
-            if Some(name.as_str()) != key {
-                labels.insert(name.clone(), value.clone());
+        for p in record {
+            if Some(p.name()) != key {
+                labels.insert(p.name().to_owned(), p.value().to_owned());
             }
         }
         Ok((id, labels))
@@ -108,15 +133,15 @@ impl<'a> Resolver<'a> {
     /// apart (cpu 0 from cpu 1, used from free), so they go into the series name as a
     /// Prometheus-style selector, e.g. `{cpu="0",state="used"}` (sorted; empty when there are
     /// none), and are not repeated as labels. The labels hold the promoted resource attributes.
-    pub(crate) fn series(
+    pub(crate) fn series<P: Pair>(
         &self,
-        record: &[(String, String)],
+        record: &[P],
     ) -> Result<(EntityId, BTreeMap<String, String>, String), Rejection> {
         let (id, key) = self.choose(record)?;
         let mut own: Vec<(&str, &str)> = record
             .iter()
-            .filter(|(name, _)| Some(name.as_str()) != key)
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .filter(|p| Some(p.name()) != key)
+            .map(|p| (p.name(), p.value()))
             .collect();
         own.sort_unstable();
         Ok((id, self.resource_labels(key), selector(&own)))
@@ -180,7 +205,7 @@ mod tests {
         assert_eq!(labels["zone"], "a");
         assert!(!labels.contains_key("k8s.pod.name"));
         assert!(!labels.contains_key("telemetry.sdk.name"), "not promoted");
-        let err = Resolver::new(&keys, &[], &[])
+        let err = Resolver::without_resource(&keys)
             .identify(&kv(&[("a", "b")]))
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::MissingField);
@@ -196,7 +221,7 @@ mod tests {
         assert_eq!(series, r#"{cpu="0",state="used"}"#);
         assert_eq!(labels.len(), 1);
         assert_eq!(labels["service.name"], "api");
-        assert_eq!(r.series(&[]).unwrap().2, "");
+        assert_eq!(r.series::<(String, String)>(&[]).unwrap().2, "");
         assert_eq!(selector(&[("p", "a\"b\\c")]), r#"{p="a\"b\\c"}"#);
     }
 }

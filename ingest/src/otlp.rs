@@ -1,7 +1,10 @@
 //! OTLP, as the OpenTelemetry Collector's Kafka exporter writes it: `otlp_proto` (protobuf) and
 //! `otlp_json` (OTLP/JSON) encodings of the metrics, logs and traces export requests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+};
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
@@ -92,45 +95,46 @@ pub(crate) fn decode_json(bytes: &[u8], config: &IngestConfig, checks: &At<'_>) 
     }
 }
 
-/// An attribute value as text: strings as they are, everything else as its JSON.
-fn text(value: Option<&AnyValue>) -> String {
+/// An attribute value as text: strings as they are (borrowed), everything else rendered.
+fn text(value: Option<&AnyValue>) -> Cow<'_, str> {
     match value.and_then(|v| v.value.as_ref()) {
-        None => String::new(),
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(any_value::Value::BytesValue(b)) => b.iter().map(|x| format!("{x:02x}")).collect(),
-        Some(any_value::Value::ArrayValue(a)) => {
-            format!(
-                "[{}]",
-                a.values
-                    .iter()
-                    .map(|v| text(Some(v)))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
+        None => Cow::Borrowed(""),
+        Some(any_value::Value::StringValue(s)) => Cow::Borrowed(s),
+        Some(any_value::Value::BoolValue(b)) => Cow::Owned(b.to_string()),
+        Some(any_value::Value::IntValue(i)) => Cow::Owned(i.to_string()),
+        Some(any_value::Value::DoubleValue(d)) => Cow::Owned(d.to_string()),
+        Some(any_value::Value::BytesValue(b)) => {
+            Cow::Owned(b.iter().map(|x| format!("{x:02x}")).collect())
         }
-        Some(any_value::Value::KvlistValue(kv)) => format!(
+        Some(any_value::Value::ArrayValue(a)) => Cow::Owned(format!(
+            "[{}]",
+            a.values
+                .iter()
+                .map(|v| text(Some(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        )),
+        Some(any_value::Value::KvlistValue(kv)) => Cow::Owned(format!(
             "{{{}}}",
             kv.values
                 .iter()
                 .map(|kv| format!("{}={}", kv.key, text(kv.value.as_ref())))
                 .collect::<Vec<_>>()
                 .join(",")
-        ),
-        Some(any_value::Value::StringValueStrindex(i)) => format!("strindex:{i}"),
+        )),
+        Some(any_value::Value::StringValueStrindex(i)) => Cow::Owned(format!("strindex:{i}")),
     }
 }
 
-fn pairs(attributes: &[KeyValue]) -> Vec<(String, String)> {
+/// Attributes as (name, text) pairs borrowed from the message.
+fn pairs(attributes: &[KeyValue]) -> Vec<(&str, Cow<'_, str>)> {
     attributes
         .iter()
-        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .map(|kv| (kv.key.as_str(), text(kv.value.as_ref())))
         .collect()
 }
 
-fn resource_pairs(resource: Option<&Resource>) -> Vec<(String, String)> {
+fn resource_pairs(resource: Option<&Resource>) -> Vec<(&str, Cow<'_, str>)> {
     resource.map(|r| pairs(&r.attributes)).unwrap_or_default()
 }
 
@@ -363,7 +367,7 @@ fn logs(request: ExportLogsServiceRequest, config: &IngestConfig, checks: &At<'_
                         entity,
                         time,
                         severity: severity(record.severity_number, &record.severity_text),
-                        body: text(record.body.as_ref()),
+                        body: text(record.body.as_ref()).into_owned(),
                         attributes,
                     }))
                 })();
@@ -405,8 +409,8 @@ fn traces(request: ExportTraceServiceRequest, checks: &At<'_>) -> Decoded {
         let resource = resource_pairs(rs.resource.as_ref());
         let service = resource
             .iter()
-            .find(|(k, _)| k == "service.name")
-            .map(|(_, v)| v.clone())
+            .find(|(k, _)| *k == "service.name")
+            .map(|(_, v)| v.to_string())
             .unwrap_or_default();
         for ss in rs.scope_spans {
             for span in ss.spans {
@@ -418,7 +422,7 @@ fn traces(request: ExportTraceServiceRequest, checks: &At<'_>) -> Decoded {
                             .iter()
                             .find(|(name, v)| name == k && !v.is_empty())
                     })
-                    .map(|(_, v)| v.clone());
+                    .map(|(_, v)| v.to_string());
                 let error = span
                     .status
                     .as_ref()

@@ -81,7 +81,7 @@ fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, 
     let value = s.value.ok_or_else(|| missing("value"))?.number()?;
     let pairs: Vec<(String, String)> = labels.into_iter().collect();
     // The labels other than the entity's tell the series apart: they go into its name.
-    let (entity, labels, series) = Resolver::new(keys, &[], &[]).series(&pairs)?;
+    let (entity, labels, series) = Resolver::without_resource(keys).series(&pairs)?;
     let metric = format!("{name}{series}");
     Ok(Telemetry::Sample(
         checks.sample(entity, metric, time, value, labels)?,

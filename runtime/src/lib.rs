@@ -28,6 +28,16 @@ pub async fn run_stages(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<(Stage, runner::StageReport)>> {
+    run_stages_observed(stages, config, std::sync::Arc::default(), shutdown).await
+}
+
+/// [`run_stages`], with the stages' live counters in `observer`.
+pub async fn run_stages_observed(
+    stages: &[Stage],
+    config: &Config,
+    observer: std::sync::Arc<pipeline::Observer>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<(Stage, runner::StageReport)>> {
     let topics = kafka::Topics::new(&config.kafka.topic_prefix);
     kafka::create_topics(&config.kafka, &topics)
         .await
@@ -51,8 +61,11 @@ pub async fn run_stages(
         let config = config.clone();
         let pool = pool.clone();
         let shutdown = shutdown.clone();
+        let observer = observer.clone();
         tasks.spawn(async move {
-            let result = pipeline::run_stage(stage, &config, pool, shutdown.clone()).await;
+            let progress = observer.stage(stage);
+            let result =
+                pipeline::run_stage(stage, &config, pool, progress, shutdown.clone()).await;
             if result.is_err() {
                 shutdown.cancel(); // One stage down: stop the rest, so a supervisor restarts all.
             }

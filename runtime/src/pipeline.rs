@@ -26,7 +26,7 @@ use crate::{
     config::Config,
     config::SourceConfig,
     kafka::Topics,
-    runner::{self, Decode, Input, LiveStage, StageReport},
+    runner::{self, Decode, Input, LiveStage, Progress, StageReport},
 };
 
 /// The stages, in data-flow order.
@@ -63,6 +63,19 @@ impl Stage {
             Stage::Actuator => "actuator",
             Stage::Recorder => "recorder",
         }
+    }
+}
+
+/// Live counters of every stage of a process.
+#[derive(Debug, Default)]
+pub struct Observer {
+    stages: [Progress; 5],
+}
+
+impl Observer {
+    /// The counters of one stage.
+    pub fn stage(&self, stage: Stage) -> &Progress {
+        &self.stages[stage as usize]
     }
 }
 
@@ -187,6 +200,7 @@ fn live<P: Processor>(
     outputs: &[&str],
     topics: &Topics,
     processor: P,
+    cpu_heavy: bool,
 ) -> LiveStage<P> {
     LiveStage {
         name,
@@ -194,6 +208,7 @@ fn live<P: Processor>(
         outputs: outputs.iter().map(|t| (*t).to_owned()).collect(),
         dead_letters: topics.dead_letters.clone(),
         processor,
+        cpu_heavy,
     }
 }
 
@@ -202,6 +217,7 @@ pub async fn run_stage(
     stage: Stage,
     config: &Config,
     pool: Option<sqlx::PgPool>,
+    progress: &Progress,
     shutdown: CancellationToken,
 ) -> Result<StageReport, anyhow::Error> {
     let p = Processors::new(config)?;
@@ -214,27 +230,28 @@ pub async fn run_stage(
                 .map(|src| telemetry(p.decoder.clone(), src))
                 .collect();
             let outputs = [t.features.as_str(), t.dependencies.as_str()];
-            let s = live("features", inputs, &outputs, &t, p.features);
-            runner::run(s, k, r, shutdown).await?
+            let s = live("features", inputs, &outputs, &t, p.features, false);
+            runner::run(s, k, r, progress, shutdown).await?
         }
         Stage::Scoring => {
             let inputs = events::<FeatureWindow>(&t.features);
-            let s = live("scoring", inputs, &[&t.scores], &t, p.scorer);
-            runner::run(s, k, r, shutdown).await?
+            // Scoring fits a model per metric per window: CPU-heavy.
+            let s = live("scoring", inputs, &[&t.scores], &t, p.scorer, true);
+            runner::run(s, k, r, progress, shutdown).await?
         }
         Stage::Allocator => {
             let inputs = events::<RiskScore>(&t.scores);
-            let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator);
-            runner::run(s, k, r, shutdown).await?
+            let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator, false);
+            runner::run(s, k, r, progress, shutdown).await?
         }
         Stage::Actuator => {
             let inputs = events::<Decision>(&t.decisions);
-            let s = live("actuator", inputs, &[&t.outcomes], &t, p.actuator);
-            runner::run(s, k, r, shutdown).await?
+            let s = live("actuator", inputs, &[&t.outcomes], &t, p.actuator, false);
+            runner::run(s, k, r, progress, shutdown).await?
         }
         Stage::Recorder => {
             let pool = pool.ok_or_else(|| anyhow::anyhow!("the recorder needs Postgres"))?;
-            crate::recorder::run(pool, k, r, &t, shutdown).await?
+            crate::recorder::run(pool, k, r, &t, progress, shutdown).await?
         }
     };
     Ok(report)

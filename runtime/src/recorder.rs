@@ -25,7 +25,7 @@ use uuid::Uuid;
 use crate::{
     config::{KafkaConfig, RunnerConfig},
     kafka::{self, Topics},
-    runner::{StageError, StageReport},
+    runner::{Progress, StageError, StageReport},
 };
 
 /// The recorder's stage name.
@@ -177,6 +177,7 @@ pub(crate) async fn run(
     kafka_config: &KafkaConfig,
     runner: &RunnerConfig,
     topics: &Topics,
+    progress: &Progress,
     shutdown: CancellationToken,
 ) -> Result<StageReport, StageError> {
     let err = |source| StageError::Kafka {
@@ -233,7 +234,7 @@ pub(crate) async fn run(
                     continue;
                 }
             };
-            report.messages += 1;
+            report.message(progress);
             let key = (message.topic().to_owned(), message.partition());
             next.insert(key.clone(), message.offset() + 1);
             if recorded.get(&key).is_some_and(|&n| message.offset() < n) {
@@ -292,7 +293,7 @@ pub(crate) async fn run(
                     source,
                 });
             }
-            report.dead_letters += 1;
+            report.dead_letter(progress);
         }
 
         if !next.is_empty() {
@@ -301,6 +302,9 @@ pub(crate) async fn run(
                 match write(&pool, &group, &rows, &next).await {
                     Ok(inserted) => {
                         report.events += inserted;
+                        progress
+                            .events
+                            .fetch_add(inserted, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                     Err(e) => {

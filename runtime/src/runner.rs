@@ -5,7 +5,12 @@
 //! and never past what the processor's open state still depends on. Output ids are derived from the
 //! inputs, so a redelivered input produces the same ids and downstream consumers deduplicate.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
@@ -62,6 +67,10 @@ pub(crate) struct LiveStage<P: Processor> {
     pub(crate) dead_letters: String,
     /// The pure processor.
     pub(crate) processor: P,
+    /// Whether processing is CPU-heavy (model fits): then it runs where it cannot stall the IO
+    /// driver (`block_in_place`), which costs a thread hand-off per message and so is not worth
+    /// it for cheap processors.
+    pub(crate) cpu_heavy: bool,
 }
 
 /// Why a stage stopped with an error.
@@ -100,6 +109,32 @@ pub struct StageReport {
     pub events: u64,
     /// Dead letters produced.
     pub dead_letters: u64,
+}
+
+/// Live counters of one stage, readable while it runs (by health checks, metrics, benchmarks).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Input messages read.
+    pub messages: AtomicU64,
+    /// Events produced.
+    pub events: AtomicU64,
+    /// Dead letters produced.
+    pub dead_letters: AtomicU64,
+}
+
+impl StageReport {
+    pub(crate) fn message(&mut self, p: &Progress) {
+        self.messages += 1;
+        p.messages.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn event(&mut self, p: &Progress) {
+        self.events += 1;
+        p.events.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn dead_letter(&mut self, p: &Progress) {
+        self.dead_letters += 1;
+        p.dead_letters.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), KafkaError>)> + Send>>;
@@ -176,6 +211,7 @@ pub(crate) async fn run<P>(
     mut stage: LiveStage<P>,
     kafka_config: &KafkaConfig,
     runner: &RunnerConfig,
+    progress: &Progress,
     shutdown: CancellationToken,
 ) -> Result<StageReport, StageError>
 where
@@ -250,7 +286,7 @@ where
                         continue;
                     }
                 };
-                report.messages += 1;
+                report.message(progress);
                 let Some(input) = input_index(message.topic()) else {
                     continue; // Not subscribed (cannot happen); never stored either.
                 };
@@ -261,7 +297,7 @@ where
                 for output in out.drain(..) {
                     let enqueued = match output {
                         Output::Event(data) => {
-                            report.events += 1;
+                            report.event(progress);
                             let m = data.into_message(&source);
                             let record = FutureRecord::to(&stage.outputs[m.route])
                                 .key(m.key.as_str())
@@ -270,7 +306,7 @@ where
                             enqueue(&producer, record).await
                         }
                         Output::Rejected(rejection) => {
-                            report.dead_letters += 1;
+                            report.dead_letter(progress);
                             let dl = dead_letter(name, &message, rejection);
                             tracing::debug!(stage = name, class = dl.error_class.as_str(), reason = %dl.reason, "Dead letter.");
                             let mut record = FutureRecord::to(&stage.dead_letters)
@@ -379,12 +415,17 @@ fn process<P: Processor>(
     };
     let (inputs, rejections) = (stage.inputs[usize::from(input)].decode)(incoming);
     out.extend(rejections.into_iter().map(Output::Rejected));
-    // Processing may be CPU-heavy (model fits): keep it off the paths that drive IO.
-    tokio::task::block_in_place(|| {
+    let processor = &mut stage.processor;
+    let run = || {
         for input in inputs {
-            stage.processor.process(input, origin, out);
+            processor.process(input, origin, out);
         }
-    });
+    };
+    if stage.cpu_heavy {
+        tokio::task::block_in_place(run);
+    } else {
+        run();
+    }
 }
 
 fn dead_letter(stage: &str, message: &BorrowedMessage<'_>, rejection: Rejection) -> DeadLetter {
