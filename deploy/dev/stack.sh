@@ -4,6 +4,9 @@
 #   deploy/dev/stack.sh up       install tansu if missing, start it and Postgres, create the database
 #   deploy/dev/stack.sh down     stop the broker (Postgres is the machine's and is left running)
 #   deploy/dev/stack.sh status   say what is running
+#   deploy/dev/stack.sh reset    stop the broker, delete its data, start it again (the test command
+#                                does this with its own data dir: tansu's sqlite storage slows down
+#                                as it grows, and tests only add to it)
 #
 # Idempotent: `up` on a running stack only checks it. Settings (environment):
 #   FORESIGHT_DATA     where the broker keeps its data and log (default: ~/.local/share/foresight)
@@ -107,7 +110,12 @@ status() {
 
 case "${1:-}" in
     up) broker_up; postgres_up ;;
+    reset)
+        broker_down
+        rm -f "$DATA"/tansu.db "$DATA"/tansu.db-shm "$DATA"/tansu.db-wal
+        if port_open "$BROKER"; then say "a broker this script did not start is on $BROKER: using it as it is"; fi
+        broker_up; postgres_up ;;
     down) broker_down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|reset" >&2; exit 2 ;;
 esac

@@ -10,8 +10,8 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 started=$(date +%s)
 step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 
-step "Local stack"
-deploy/dev/stack.sh up
+step "Local stack (a fresh broker in its own data dir)"
+FORESIGHT_DATA=${FORESIGHT_TEST_DATA:-$HOME/.cache/foresight-test-stack} deploy/dev/stack.sh reset
 
 step "Test clients (OpenTelemetry Python SDK, confluent-kafka) in ${FORESIGHT_VENV:=$HOME/.cache/foresight-venv}"
 if [ ! -x "$FORESIGHT_VENV/bin/python" ] || ! "$FORESIGHT_VENV/bin/python" -c 'import confluent_kafka, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.common' 2>/dev/null; then

@@ -98,9 +98,10 @@ pub(crate) fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("enable.partition.eof", "false");
+    // Session and heartbeat stay at librdkafka's defaults (45 s / 3 s): a broker busy serving
+    // large fetches can answer heartbeats late, and a short session then evicts a healthy
+    // consumer over and over.
     for (k, v) in &config.consumer {
         c.set(k, v);
     }
