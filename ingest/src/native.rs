@@ -366,4 +366,39 @@ mod tests {
             d.rejections
         );
     }
+
+    proptest::proptest! {
+        /// Any valid sample, written as Foresight's native JSON (one, batch or array; time as
+        /// RFC 3339 or epoch ms; value as number or text), decodes back to itself.
+        #[test]
+        fn round_trips(
+            entity in "[a-zA-Z0-9._:-]{1,40}",
+            metric in "[a-z_.]{1,30}",
+            ms in 0i64..4_000_000_000_000,
+            value in -1e15f64..1e15,
+            labels in proptest::collection::btree_map("[a-z_]{1,8}", "[ -~]{0,12}", 0..4),
+            shape in 0u8..3,
+            rfc3339 in proptest::bool::ANY,
+            text_value in proptest::bool::ANY,
+        ) {
+            let time = DateTime::from_timestamp_millis(ms).unwrap();
+            let t = if rfc3339 { serde_json::json!(time.to_rfc3339()) } else { serde_json::json!(ms) };
+            let v = if text_value { serde_json::json!(value.to_string()) } else { serde_json::json!(value) };
+            let one = serde_json::json!({"entity": entity, "metric": metric, "time": t, "value": v, "labels": labels});
+            let message = match shape {
+                0 => one,
+                1 => serde_json::json!({"schema_version": 1, "samples": [one]}),
+                _ => serde_json::json!([one]),
+            };
+            let d = decode(&serde_json::to_string(&message).unwrap());
+            proptest::prop_assert!(d.rejections.is_empty(), "{:?}", d.rejections);
+            let s = samples(&d);
+            proptest::prop_assert_eq!(s.len(), 1);
+            proptest::prop_assert_eq!(s[0].entity.as_str(), entity.as_str());
+            proptest::prop_assert_eq!(&s[0].metric, &metric);
+            proptest::prop_assert_eq!(s[0].time, time);
+            proptest::prop_assert_eq!(s[0].value, value);
+            proptest::prop_assert_eq!(&s[0].labels, &labels);
+        }
+    }
 }
