@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Foresight: predicts infrastructure failures from telemetry and decides what to do before they happen.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     /// Configuration file (TOML). Embedded defaults apply without one; FORESIGHT_* variables
     /// override both (e.g. FORESIGHT_KAFKA__BROKERS=host:9092).
@@ -59,7 +59,8 @@ enum Command {
         #[arg(required = true, value_parser = parse_stage)]
         stages: Vec<StageArg>,
     },
-    /// Replay native-JSON telemetry files (one message per line) through the pipeline in-process.
+    /// Replay telemetry files through the pipeline in-process: one message per line, in native
+    /// JSON, OTLP/JSON or prometheus-kafka-adapter JSON (detected per line).
     Replay {
         /// Input files.
         #[arg(required = true)]

@@ -32,7 +32,8 @@ pub struct Summary {
     pub dead_letters: usize,
 }
 
-/// Replays native-JSON telemetry files (one message per line) through the pipeline.
+/// Replays telemetry files (one message per line, any JSON format ingest detects) through the
+/// pipeline.
 pub fn replay_files(config: &Config, inputs: &[PathBuf]) -> anyhow::Result<(Outputs, u64)> {
     let mut pipeline = InProcess::new(config, false)?;
     let mut records = 0;
@@ -126,4 +127,50 @@ pub fn write_run(dir: &Path, outputs: &Outputs, records: u64) -> anyhow::Result<
         serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{FleetSpec, generate};
+
+    /// Same inputs and configuration, byte-identical outputs.
+    #[test]
+    fn replay_is_deterministic() {
+        let dir = std::env::temp_dir().join(format!("foresight-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fleet = generate(&FleetSpec {
+            nodes: 7,
+            hours: 12,
+            ..FleetSpec::default()
+        });
+        let input = dir.join("in.jsonl");
+        let lines: Vec<String> = fleet
+            .samples
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap())
+            .collect();
+        std::fs::write(&input, lines.join("\n") + "\n{not json}\n").unwrap();
+        let config = Config::embedded();
+        let mut runs = Vec::new();
+        for run in ["a", "b"] {
+            let (outputs, records) = replay_files(&config, std::slice::from_ref(&input)).unwrap();
+            let summary = write_run(&dir.join(run), &outputs, records).unwrap();
+            assert_eq!(summary.dead_letters, 1);
+            assert!(summary.scores > 0);
+            runs.push(dir.join(run));
+        }
+        for file in [
+            "scores.jsonl",
+            "decisions.jsonl",
+            "outcomes.jsonl",
+            "dead_letters.jsonl",
+            "summary.json",
+        ] {
+            let a = std::fs::read(runs[0].join(file)).unwrap();
+            let b = std::fs::read(runs[1].join(file)).unwrap();
+            assert!(a == b, "{file} differs between two replays");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
