@@ -123,6 +123,16 @@ pub struct MetricStats {
     pub max: f64,
     /// The sample with the latest event time.
     pub last: f64,
+    /// Sample standard deviation (0 for a single sample).
+    #[serde(default)]
+    pub std_dev: f64,
+    /// Least-squares slope of the samples against their event time, in units per second (0 for
+    /// fewer than two distinct times).
+    #[serde(default)]
+    pub slope_per_s: f64,
+    /// Exponentially weighted moving average of this metric's window means, this window included.
+    #[serde(default)]
+    pub ewma: f64,
     /// Means of this metric's most recent windows that had data, oldest first, ending with this one.
     /// Bounded by the feature stage's configured history length. Carrying it here keeps the scorer a
     /// pure function of one window, so live, restarted and replayed runs score identically.

@@ -53,6 +53,8 @@ pub struct FeaturesConfig {
     pub allowed_lateness: Duration,
     /// How many recent window means per metric to carry for the scorer.
     pub history: usize,
+    /// Weight of the newest window mean in each metric's EWMA, in (0, 1].
+    pub ewma_alpha: f64,
 }
 
 impl Default for FeaturesConfig {
@@ -61,6 +63,7 @@ impl Default for FeaturesConfig {
             window: Duration::from_secs(60),
             allowed_lateness: Duration::from_secs(30),
             history: 64,
+            ewma_alpha: 0.3,
         }
     }
 }
@@ -77,6 +80,9 @@ pub enum FeaturesConfigError {
     /// History is bounded to keep per-entity memory bounded.
     #[error("features.history is {0}; at most {MAX_HISTORY} is allowed")]
     HistoryTooLong(usize),
+    /// The EWMA weight must be a fraction.
+    #[error("features.ewma_alpha must be in (0, 1], not {0}")]
+    EwmaAlpha(f64),
 }
 
 /// Longest history per metric, to bound memory per entity-metric.
@@ -94,6 +100,9 @@ impl FeaturesConfig {
         if self.history > MAX_HISTORY {
             return Err(FeaturesConfigError::HistoryTooLong(self.history));
         }
+        if !(self.ewma_alpha > 0.0 && self.ewma_alpha <= 1.0) {
+            return Err(FeaturesConfigError::EwmaAlpha(self.ewma_alpha));
+        }
         Ok(())
     }
 }
@@ -101,7 +110,14 @@ impl FeaturesConfig {
 #[derive(Debug, Clone)]
 struct Accumulator {
     count: u64,
-    sum: f64,
+    /// Running mean and sum of squared deviations (Welford), for a stable variance.
+    mean: f64,
+    m2: f64,
+    /// Time of the first sample (ms); slope sums use seconds since it, to keep them small.
+    t0: i64,
+    sum_t: f64,
+    sum_tt: f64,
+    sum_tv: f64,
     min: f64,
     max: f64,
     last: f64,
@@ -120,13 +136,37 @@ impl Accumulator {
     fn new(value: f64, time: i64) -> Self {
         Self {
             count: 1,
-            sum: value,
+            mean: value,
+            m2: 0.0,
+            t0: time,
+            sum_t: 0.0,
+            sum_tt: 0.0,
+            sum_tv: 0.0,
             min: value,
             max: value,
             last: value,
             last_time: time,
             times: vec![time],
         }
+    }
+
+    fn std_dev(&self) -> f64 {
+        if self.count < 2 {
+            0.0
+        } else {
+            (self.m2 / (self.count - 1) as f64).max(0.0).sqrt()
+        }
+    }
+
+    /// Least-squares slope of value against time (per second).
+    fn slope(&self) -> f64 {
+        let n = self.count as f64;
+        let sum_v = self.mean * n;
+        let denominator = n * self.sum_tt - self.sum_t * self.sum_t;
+        if self.count < 2 || denominator.abs() < 1e-12 {
+            return 0.0;
+        }
+        (n * self.sum_tv - self.sum_t * sum_v) / denominator
     }
 
     fn add(&mut self, value: f64, time: i64) {
@@ -136,7 +176,13 @@ impl Accumulator {
             Err(_) => {}
         }
         self.count += 1;
-        self.sum += value;
+        let delta = value - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (value - self.mean);
+        let t = (time - self.t0) as f64 / 1000.0;
+        self.sum_t += t;
+        self.sum_tt += t * t;
+        self.sum_tv += t * value;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
         // Ties keep the later-arriving sample, so the result is deterministic for a given order.
@@ -158,6 +204,7 @@ struct OpenWindow {
 #[derive(Debug, Default)]
 struct MetricHistory {
     means: VecDeque<f64>,
+    ewma: Option<f64>,
     /// Start (ms) of the last window that had data for this metric.
     last_start: Option<i64>,
 }
@@ -211,7 +258,12 @@ impl WindowProcessor {
         let mut metrics = BTreeMap::new();
         for (name, acc) in window.metrics {
             let history = state.history.entry(name.clone()).or_default();
-            let mean = acc.sum / acc.count as f64;
+            let mean = acc.mean;
+            let alpha = config.ewma_alpha;
+            let ewma = history
+                .ewma
+                .map_or(mean, |prev| alpha * mean + (1.0 - alpha) * prev);
+            history.ewma = Some(ewma);
             if history.means.len() == config.history {
                 history.means.pop_front();
             }
@@ -229,6 +281,9 @@ impl WindowProcessor {
                     min: acc.min,
                     max: acc.max,
                     last: acc.last,
+                    std_dev: acc.std_dev(),
+                    slope_per_s: acc.slope(),
+                    ewma,
                     history: history.means.iter().copied().collect(),
                     gap_windows,
                 },
@@ -666,5 +721,33 @@ mod tests {
         let w = windows(&out);
         assert_eq!(w[0].metrics["cpu"].count, 2);
         assert_eq!(w[0].metrics["cpu"].mean, 2.0);
+    }
+
+    #[test]
+    fn std_dev_slope_and_ewma() {
+        let out = run(vec![
+            sample("a", "cpu", 0, 1.0),
+            sample("a", "cpu", 10, 3.0),
+            sample("a", "cpu", 20, 5.0),
+            sample("a", "cpu", 60, 11.0),
+            sample("a", "cpu", 120, 0.0),
+        ]);
+        let w = windows(&out);
+        let first = &w[0].metrics["cpu"];
+        assert!((first.std_dev - 2.0).abs() < 1e-12, "{first:?}");
+        assert!((first.slope_per_s - 0.2).abs() < 1e-12, "{first:?}");
+        assert_eq!(first.ewma, 3.0, "the first window's EWMA is its mean");
+        let second = &w[1].metrics["cpu"];
+        assert_eq!(
+            (second.std_dev, second.slope_per_s),
+            (0.0, 0.0),
+            "one sample"
+        );
+        assert!((second.ewma - (0.3 * 11.0 + 0.7 * 3.0)).abs() < 1e-12);
+        let bad = FeaturesConfig {
+            ewma_alpha: 0.0,
+            ..FeaturesConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(FeaturesConfigError::EwmaAlpha(0.0)));
     }
 }

@@ -38,7 +38,8 @@
 //!     start: DateTime::<Utc>::from_timestamp(2340, 0).unwrap(),
 //!     end: DateTime::<Utc>::from_timestamp(2400, 0).unwrap(),
 //!     metrics: [("disk_used_pct".to_string(), MetricStats {
-//!         count: 1, mean: 80.0, min: 80.0, max: 80.0, last: 80.0, history, gap_windows: 0,
+//!         count: 1, mean: 80.0, min: 80.0, max: 80.0, last: 80.0, std_dev: 0.0,
+//!         slope_per_s: 0.0, ewma: 80.0, history, gap_windows: 0,
 //!     })].into(),
 //!     logs: None,
 //! };
@@ -390,6 +391,9 @@ mod tests {
                     min: last,
                     max: last,
                     last,
+                    std_dev: 0.0,
+                    slope_per_s: 0.0,
+                    ewma: last,
                     history,
                     gap_windows: 0,
                 },
