@@ -4,9 +4,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Context as _;
 use chrono::{DateTime, Duration as Delta, DurationRound as _, Utc};
-use foresight::{Config, Stage, kafka::Topics, pipeline::InProcess};
+use foresight::{Config, Stage, kafka::Topics};
 use foresight_events::{
-    ActuationOutcome, DeadLetter, Decision, Event, EventData, EventId, Origin, RiskScore,
+    ActuationOutcome, DeadLetter, Decision, Event, EventData, EventId, RiskScore,
 };
 use foresight_tests::{TestDb, config, eventually, produce, producer, read_all, tag};
 use tokio_util::sync::CancellationToken;
@@ -49,25 +49,6 @@ fn test_config(prefix: &str, db: &TestDb) -> Config {
     c.scoring.horizon = Duration::from_secs(20 * 60);
     c.scoring.min_history = 10;
     c
-}
-
-/// What the in-process pipeline produces for the same input, without the end-of-input flush
-/// (the live pipeline never sees an end of input).
-fn expected(config: &Config, records: &[(String, Vec<u8>)]) -> foresight::pipeline::Outputs {
-    let mut p = InProcess::new(config, true).unwrap();
-    for (i, (_, bytes)) in records.iter().enumerate() {
-        p.feed(
-            bytes,
-            "t",
-            Origin {
-                input: 0,
-                partition: 0,
-                offset: i as i64,
-            },
-            None,
-        );
-    }
-    p.into_outputs()
 }
 
 async fn count(pool: &sqlx::PgPool, view: &str) -> anyhow::Result<i64> {
@@ -129,7 +110,7 @@ async fn telemetry_to_decision_to_audit_row_exactly_once() -> anyhow::Result<()>
 
     let now = Utc::now().duration_trunc(Delta::minutes(1))?;
     let records = telemetry(now - Delta::minutes(1));
-    let want = expected(&config, &records);
+    let want = foresight_tests::in_process(&config, &records, None)?;
     assert!(
         want.decisions.iter().any(|d| d.entity.as_str() == "node-a"),
         "the scenario must produce a decision: {:?}",
@@ -309,7 +290,7 @@ async fn offsets_wait_for_outputs() -> anyhow::Result<()> {
     foresight::kafka::create_topics(&config.kafka, &topics).await?;
     let now = Utc::now().duration_trunc(Delta::minutes(1))?;
     let records = telemetry(now - Delta::minutes(1));
-    let want = expected(&config, &records);
+    let want = foresight_tests::in_process(&config, &records, None)?;
     produce(&producer()?, &topics.metrics, &records).await?;
 
     let mut broken = config.clone();

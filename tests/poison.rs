@@ -8,8 +8,8 @@ use std::{
 };
 
 use chrono::{Duration as Delta, DurationRound as _, Utc};
-use foresight::{Stage, kafka::Topics, pipeline::InProcess};
-use foresight_events::{DeadLetter, Event, EventData, FeatureWindow, Origin};
+use foresight::{Stage, kafka::Topics};
+use foresight_events::{DeadLetter, Event, EventData, FeatureWindow};
 use foresight_tests::{config_without_db, eventually, produce, producer, read_all, tag};
 use tokio_util::sync::CancellationToken;
 
@@ -106,20 +106,7 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
     assert_eq!(p, 30);
 
     // What the same input gives in-process: the reference for "every good record processed".
-    let mut reference = InProcess::new(&config, true)?;
-    for (i, (_, bytes)) in records.iter().enumerate() {
-        reference.feed(
-            bytes,
-            "t",
-            Origin {
-                input: 0,
-                partition: 0,
-                offset: i as i64,
-            },
-            Some(Utc::now()),
-        );
-    }
-    let reference = reference.into_outputs();
+    let reference = foresight_tests::in_process(&config, &records, Some(Utc::now()))?;
     assert_eq!(reference.samples, 3000);
     let want: BTreeMap<_, FeatureWindow> = reference
         .windows

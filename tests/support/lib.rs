@@ -247,3 +247,24 @@ pub fn python() -> String {
         format!("{home}/.cache/foresight-venv/bin/python")
     })
 }
+
+/// What the in-process pipeline produces for `records` (as produced, in order), leaving open
+/// windows open: the reference a live run over the same input must match, since the live pipeline
+/// never sees an end of input. `message_time` stands for the Kafka timestamps ingest checks
+/// record times against.
+pub fn in_process(
+    config: &Config,
+    records: &[(String, Vec<u8>)],
+    message_time: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<foresight::pipeline::Outputs> {
+    let mut p = foresight::pipeline::InProcess::new(config, true)?;
+    for (i, (_, bytes)) in records.iter().enumerate() {
+        let origin = foresight_events::Origin {
+            input: 0,
+            partition: 0,
+            offset: i as i64,
+        };
+        p.feed(bytes, "in-process", origin, message_time);
+    }
+    Ok(p.into_outputs())
+}
