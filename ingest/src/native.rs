@@ -14,30 +14,14 @@ use crate::{
 /// The native schema version this build reads.
 pub const NATIVE_SCHEMA_VERSION: u32 = 1;
 
-/// A single sample or a batch object: one pass over the object reads either shape (an untagged
-/// enum would buffer the whole message and parse it up to three times).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawObject<'a> {
-    schema_version: Option<u32>,
-    #[serde(borrow)]
-    samples: Option<Vec<RawSample<'a>>>,
-    #[serde(borrow)]
-    entity: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    metric: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    time: Option<RawTime<'a>>,
-    #[serde(borrow)]
-    value: Option<RawValue<'a>>,
-    #[serde(default, borrow)]
-    labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
-}
-
+/// A sample, or a batch object holding samples: one struct reads either shape in one pass (an
+/// untagged enum would buffer the whole message and parse it up to three times).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSample<'a> {
     schema_version: Option<u32>,
+    #[serde(borrow)]
+    samples: Option<Vec<RawSample<'a>>>,
     #[serde(borrow)]
     entity: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -174,19 +158,9 @@ pub(crate) fn decode(bytes: &[u8], checks: &At<'_>) -> Decoded {
     let parsed = if first == Some(b'[') {
         serde_json::from_str::<Vec<RawSample<'_>>>(text).map(|v| (None, v))
     } else {
-        serde_json::from_str::<RawObject<'_>>(text).map(|o| match o.samples {
+        serde_json::from_str::<RawSample<'_>>(text).map(|mut o| match o.samples.take() {
             Some(samples) => (o.schema_version, samples),
-            None => (
-                None,
-                vec![RawSample {
-                    schema_version: o.schema_version,
-                    entity: o.entity,
-                    metric: o.metric,
-                    time: o.time,
-                    value: o.value,
-                    labels: o.labels,
-                }],
-            ),
+            None => (None, vec![o]),
         })
     };
     let (version, raw) = match parsed {
@@ -226,6 +200,12 @@ pub(crate) fn decode(bytes: &[u8], checks: &At<'_>) -> Decoded {
 fn validate(raw: RawSample<'_>, checks: &At<'_>) -> Result<MetricSample, Rejection> {
     if let Some(v) = raw.schema_version.filter(|v| *v != NATIVE_SCHEMA_VERSION) {
         return Err(unsupported(v));
+    }
+    if raw.samples.is_some() {
+        return Err(Rejection::new(
+            ErrorClass::Undecodable,
+            "a sample cannot hold `samples`",
+        ));
     }
     let id = entity(&raw.entity.ok_or_else(|| missing("entity"))?)?;
     let metric = raw.metric.ok_or_else(|| missing("metric"))?;
