@@ -21,8 +21,8 @@ pub use envelope::{
 pub use stage::{InputPartition, Origin, Output, Processor, Rejection};
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
-    FailureReport, FeatureWindow, LogEvent, LogStats, MetricSample, MetricStats, OutcomeStatus,
-    RiskScore, ScoreMethod, Severity, Telemetry,
+    FailureReport, FeatureWindow, LogEvent, LogStats, MetricKind, MetricSample, MetricStats,
+    OutcomeStatus, RiskScore, ScoreMethod, Severity, Telemetry,
 };
 
 /// Longest entity id accepted.
@@ -131,6 +131,7 @@ mod tests {
             time: chrono::Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
             value: 0.5,
             labels: BTreeMap::from([("zone".into(), "a".into())]),
+            kind: MetricKind::Counter,
         }
     }
 

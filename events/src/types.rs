@@ -27,6 +27,41 @@ pub struct MetricSample {
     /// Further labels of the series, kept for grouping and explanation.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// What the value measures: a level (gauge, the default), a running total (counter) or an
+    /// increment since the previous report (delta). Counters and deltas get a rate per second in
+    /// the feature windows.
+    #[serde(default, skip_serializing_if = "MetricKind::is_gauge")]
+    pub kind: MetricKind,
+}
+
+/// What a metric sample's value measures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    /// A level that goes up and down (CPU %, temperature, queue length).
+    #[default]
+    Gauge,
+    /// A running total that only goes up, except when its source restarts and it resets
+    /// (Prometheus counters, OTLP cumulative monotonic sums).
+    Counter,
+    /// The increment since the previous report (OTLP delta sums, StatsD counters).
+    Delta,
+}
+
+impl MetricKind {
+    /// Whether this is the default kind.
+    pub fn is_gauge(&self) -> bool {
+        matches!(self, MetricKind::Gauge)
+    }
+
+    /// The kind's name as written in events.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MetricKind::Gauge => "gauge",
+            MetricKind::Counter => "counter",
+            MetricKind::Delta => "delta",
+        }
+    }
 }
 
 impl EventData for MetricSample {

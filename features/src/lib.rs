@@ -19,6 +19,7 @@
 //!         time: DateTime::<Utc>::from_timestamp(minute * 60, 0).unwrap(),
 //!         value: minute as f64,
 //!         labels: Default::default(),
+//!         kind: Default::default(),
 //!     };
 //!     windows.process(Telemetry::Sample(sample), Origin { input: 0, partition: 0, offset: i as i64 }, &mut out);
 //! }
@@ -482,6 +483,7 @@ mod tests {
             time: DateTime::from_timestamp(secs, 0).unwrap(),
             value,
             labels: Default::default(),
+            kind: Default::default(),
         }
     }
 

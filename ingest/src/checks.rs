@@ -113,6 +113,7 @@ impl At<'_> {
             time: self.time(time)?,
             value,
             labels,
+            kind: Default::default(),
         })
     }
 }

@@ -205,6 +205,7 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
                 time: t,
                 value,
                 labels: BTreeMap::new(),
+                kind: Default::default(),
             });
             let limit_hit = match s.metric {
                 "mem_used_pct" => value >= 99.5,
