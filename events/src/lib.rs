@@ -18,7 +18,7 @@ pub use dead_letter::{DeadLetter, ErrorClass};
 pub use envelope::{
     CLOUDEVENTS_CONTENT_TYPE, EnvelopeError, Event, EventData, EventId, OutgoingMessage, Routed,
 };
-pub use stage::{InputPartition, Origin, Output, Processor, Rejection};
+pub use stage::{InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError};
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
     FailureReport, FeatureWindow, LogEvent, LogStats, MetricKind, MetricSample, MetricStats,

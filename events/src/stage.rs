@@ -28,7 +28,9 @@ impl Origin {
     }
 }
 
-/// One partition of one of a stage's inputs: the unit offsets are tracked and state is owned by.
+/// One partition of one of a stage's inputs: the unit offsets are tracked by. State is owned by
+/// partition numbers: a stage's inputs are keyed by entity and have equal partition counts, so
+/// partition `p` of every input carries the same entities (and is assigned to the same instance).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InputPartition {
     /// Index of the input among the stage's inputs.
@@ -75,16 +77,61 @@ pub trait Processor {
     /// Processes one input, appending what it produces to `out`, in a deterministic order.
     fn process(&mut self, input: Self::Input, origin: Origin, out: &mut Vec<Output<Self::Output>>);
 
-    /// The earliest offset of `source` whose effect is still held only in the processor's open
-    /// state (e.g. a window not yet emitted). The runtime never stores an offset past it, so a
-    /// restart re-reads what open state would otherwise lose. `None`: nothing is held.
-    fn retained_from(&self, _source: InputPartition) -> Option<i64> {
-        None
-    }
-
     /// End of input (replay only): emits whatever open state would have produced.
     fn flush(&mut self, _out: &mut Vec<Output<Self::Output>>) {}
 
-    /// The partition was revoked from this instance: drop the state that came from it.
-    fn forget_partition(&mut self, _source: InputPartition) {}
+    /// Partition `partition` (of every input: inputs are co-partitioned by entity) was revoked
+    /// from this instance: drop the state it owns.
+    fn forget_partition(&mut self, _partition: i32) {}
+
+    /// Whether the processor keeps state that outlives single inputs. The live runtime then
+    /// checkpoints it, with the input offsets it reflects, and restores it on restart or
+    /// rebalance; stateless processors need neither.
+    fn stateful(&self) -> bool {
+        false
+    }
+
+    /// The changes, since the last checkpoint, to the state owned by partition `partition`,
+    /// each keyed by what it is about (e.g. an entity), in a deterministic order. Taken between
+    /// two inputs, they hold the effect of every input processed so far.
+    fn checkpoint(&mut self, _partition: i32) -> Vec<StateChange> {
+        Vec::new()
+    }
+
+    /// Restores the state owned by `partition` from the entries of its last checkpoint, before
+    /// any of its inputs after that checkpoint are processed.
+    fn restore(
+        &mut self,
+        _partition: i32,
+        _entries: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
+/// One change to a processor's durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    /// The state under `key` is now `value` (opaque bytes, the processor's own encoding).
+    Put {
+        /// What the state is about.
+        key: String,
+        /// The encoded state.
+        value: Vec<u8>,
+    },
+    /// The state under `key` is gone (e.g. an entity evicted after a long silence).
+    Delete {
+        /// What the state was about.
+        key: String,
+    },
+}
+
+/// Checkpointed state that cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("state of {key} cannot be restored: {reason}")]
+pub struct StateError {
+    /// The entry.
+    pub key: String,
+    /// Why.
+    pub reason: String,
 }

@@ -161,10 +161,28 @@ pub struct MetricStats {
     /// Sample standard deviation (0 for a single sample).
     #[serde(default)]
     pub std_dev: f64,
+    /// Median: the sample at rank `floor(0.5 * (count - 1))`, exact for windows of up to 64
+    /// samples per slide, else from a mergeable quantile sketch (DDSketch) within 1% of it.
+    #[serde(default)]
+    pub p50: f64,
+    /// 95th percentile (as the median).
+    #[serde(default)]
+    pub p95: f64,
+    /// 99th percentile (as the median).
+    #[serde(default)]
+    pub p99: f64,
     /// Least-squares slope of the samples against their event time, in units per second (0 for
     /// fewer than two distinct times).
     #[serde(default)]
     pub slope_per_s: f64,
+    /// For counters and deltas: the increase per second over the window. A counter's increase
+    /// counts a drop as a reset (its source restarted from zero), as Prometheus' `rate` does;
+    /// it needs two samples in the window. A delta's is its sum over the window's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_s: Option<f64>,
+    /// For counters: resets seen in the window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resets: u64,
     /// Exponentially weighted moving average of this metric's window means, this window included.
     #[serde(default)]
     pub ewma: f64,
@@ -178,6 +196,10 @@ pub struct MetricStats {
     pub gap_windows: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Counts of one entity's log records within one window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +208,20 @@ pub struct LogStats {
     pub count: u64,
     /// Records per severity.
     pub by_severity: BTreeMap<Severity, u64>,
+    /// Share of records at severity `error` or worse.
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Records matching each configured log pattern (by pattern name; patterns with no match
+    /// are left out).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub patterns: BTreeMap<String, u64>,
+    /// Records whose message template (the body with its variable parts masked) this entity
+    /// had never logged before.
+    #[serde(default)]
+    pub new_templates: u64,
+    /// `new_templates / count`: a burst of never-seen messages is an early sign of trouble.
+    #[serde(default)]
+    pub new_template_share: f64,
 }
 
 /// The features of one entity over one event-time window.
