@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use foresight_events::{EntityId, ErrorClass, MetricSample, Rejection};
+use foresight_events::{EntityId, ErrorClass, MetricKind, MetricSample, Rejection};
 
 use crate::IngestConfig;
 
@@ -18,6 +18,10 @@ pub(crate) struct Checks {
 pub(crate) struct At<'a> {
     checks: &'a Checks,
     message_time: Option<DateTime<Utc>>,
+    /// The latest and earliest record times accepted (worked out once per message; `None` where
+    /// the limit lies beyond the representable times).
+    latest: Option<DateTime<Utc>>,
+    earliest: Option<DateTime<Utc>>,
 }
 
 impl Checks {
@@ -33,6 +37,8 @@ impl Checks {
         At {
             checks: self,
             message_time,
+            latest: message_time.and_then(|t| t.checked_add_signed(self.max_future)),
+            earliest: message_time.and_then(|t| t.checked_sub_signed(self.retention)),
         }
     }
 }
@@ -68,7 +74,7 @@ impl At<'_> {
         let Some(now) = self.message_time else {
             return Ok(time);
         };
-        if time > now + self.checks.max_future {
+        if self.latest.is_some_and(|latest| time > latest) {
             return Err(Rejection::new(
                 ErrorClass::TimestampOutOfRange,
                 format!(
@@ -77,7 +83,7 @@ impl At<'_> {
                 ),
             ));
         }
-        if time < now - self.checks.retention {
+        if self.earliest.is_some_and(|earliest| time < earliest) {
             return Err(Rejection::new(
                 ErrorClass::TimestampOutOfRange,
                 format!(
@@ -97,6 +103,7 @@ impl At<'_> {
         time: DateTime<Utc>,
         value: f64,
         labels: BTreeMap<String, String>,
+        kind: MetricKind,
     ) -> Result<MetricSample, Rejection> {
         if metric.is_empty() {
             return Err(missing("metric"));
@@ -113,7 +120,7 @@ impl At<'_> {
             time: self.time(time)?,
             value,
             labels,
-            kind: Default::default(),
+            kind,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Which entity a record is about, from its attributes (labels) and its resource's.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, cell::RefCell, collections::BTreeMap};
 
 use foresight_events::{EntityId, ErrorClass, Rejection};
 
@@ -41,8 +41,12 @@ pub(crate) struct Resolver<'a> {
     resource_entity: Option<(usize, Result<EntityId, Rejection>)>,
     /// Promoted resource labels, without the resource's entity key.
     labels: BTreeMap<String, String>,
-    /// Promoted resource labels, all of them (for records that name the entity themselves).
-    all_labels: BTreeMap<String, String>,
+    /// The resource's entity key and its value, when promoted: a label again for records that
+    /// name their entity themselves.
+    entity_label: Option<(String, String)>,
+    /// The entity a record attribute named last: the records of one resource mostly name the
+    /// same one, which is then validated once.
+    last: RefCell<Option<EntityId>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -58,28 +62,26 @@ impl<'a> Resolver<'a> {
                 .find(|p| p.name() == k && !p.value().is_empty())
                 .map(|p| (i, entity(p.value())))
         });
-        let all_labels: BTreeMap<String, String> = resource
+        let mut labels: BTreeMap<String, String> = resource
             .iter()
             .filter(|p| promoted.iter().any(|k| k == p.name()))
             .map(|p| (p.name().to_owned(), p.value().to_owned()))
             .collect();
-        let mut labels = all_labels.clone();
-        if let Some((i, _)) = &resource_entity {
-            labels.remove(&keys[*i]);
-        }
+        let entity_label = resource_entity
+            .as_ref()
+            .and_then(|(i, _)| labels.remove_entry(&keys[*i]));
         Self {
             keys,
             resource_entity,
             labels,
-            all_labels,
+            entity_label,
+            last: RefCell::new(None),
         }
     }
 
-    /// The entity of a record, and the record attribute that named it (if the record did).
-    fn choose<'r, P: Pair>(
-        &self,
-        record: &'r [P],
-    ) -> Result<(EntityId, Option<&'r str>), Rejection> {
+    /// The entity of a record, and the index of the record attribute that named it (if the
+    /// record did).
+    fn choose<P: Pair>(&self, record: &[P]) -> Result<(EntityId, Option<usize>), Rejection> {
         let limit = self
             .resource_entity
             .as_ref()
@@ -87,10 +89,10 @@ impl<'a> Resolver<'a> {
         let own = self.keys[..limit].iter().find_map(|k| {
             record
                 .iter()
-                .find(|p| p.name() == k && !p.value().is_empty())
+                .position(|p| p.name() == k && !p.value().is_empty())
         });
         match (own, &self.resource_entity) {
-            (Some(p), _) => Ok((entity(p.value())?, Some(p.name()))),
+            (Some(i), _) => Ok((self.named(record[i].value())?, Some(i))),
             (None, Some((_, Ok(id)))) => Ok((id.clone(), None)),
             (None, Some((_, Err(e)))) => Err(e.clone()),
             (None, None) => Err(Rejection::new(
@@ -103,15 +105,33 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    fn resource_labels(&self, record_key: Option<&str>) -> BTreeMap<String, String> {
-        match record_key {
-            Some(key) => {
-                let mut labels = self.all_labels.clone();
-                labels.remove(key);
-                labels
-            }
-            None => self.labels.clone(),
+    /// The entity a record attribute names.
+    fn named(&self, id: &str) -> Result<EntityId, Rejection> {
+        let mut last = self.last.borrow_mut();
+        if let Some(known) = last.as_ref().filter(|known| known.as_str() == id) {
+            return Ok(known.clone());
         }
+        let named = entity(id)?;
+        *last = Some(named.clone());
+        Ok(named)
+    }
+
+    /// The promoted resource labels of a record, `record_key` being the attribute with which
+    /// it named its entity itself (if it did).
+    fn resource_labels(&self, record_key: Option<&str>) -> Cow<'_, BTreeMap<String, String>> {
+        let Some(key) = record_key else {
+            return Cow::Borrowed(&self.labels);
+        };
+        let put_back = self.entity_label.as_ref().filter(|(k, _)| k != key);
+        if put_back.is_none() && !self.labels.contains_key(key) {
+            return Cow::Borrowed(&self.labels);
+        }
+        let mut labels = self.labels.clone();
+        labels.remove(key);
+        if let Some((k, v)) = put_back {
+            labels.insert(k.clone(), v.clone());
+        }
+        Cow::Owned(labels)
     }
 
     /// The entity, and the record's other attributes plus the promoted resource ones as labels.
@@ -119,8 +139,9 @@ impl<'a> Resolver<'a> {
         &self,
         record: &[P],
     ) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
-        let (id, key) = self.choose(record)?;
-        let mut labels = self.resource_labels(key);
+        let (id, own) = self.choose(record)?;
+        let key = own.map(|i| record[i].name());
+        let mut labels = self.resource_labels(key).into_owned();
         for p in record {
             if Some(p.name()) != key {
                 labels.insert(p.name().to_owned(), p.value().to_owned());
@@ -137,40 +158,81 @@ impl<'a> Resolver<'a> {
         &self,
         record: &[P],
     ) -> Result<(EntityId, BTreeMap<String, String>, String), Rejection> {
-        let (id, key) = self.choose(record)?;
-        let mut own: Vec<(&str, &str)> = record
-            .iter()
-            .filter(|p| Some(p.name()) != key)
-            .map(|p| (p.name(), p.value()))
-            .collect();
-        own.sort_unstable();
-        Ok((id, self.resource_labels(key), selector(&own)))
+        let mut series = String::new();
+        let (id, labels) = self.point(record, &mut Vec::new(), &mut series)?;
+        Ok((id, labels.into_owned(), series))
+    }
+
+    /// [`Resolver::series`] on reused buffers: the selector is written to `series` (cleared
+    /// first), `order` is scratch space, and the labels are borrowed when they are the
+    /// resource's.
+    pub(crate) fn point<P: Pair>(
+        &self,
+        record: &[P],
+        order: &mut Vec<usize>,
+        series: &mut String,
+    ) -> Result<(EntityId, Cow<'_, BTreeMap<String, String>>), Rejection> {
+        series.clear();
+        let (id, own) = self.choose(record)?;
+        let key = own.map(|i| record[i].name());
+        match record {
+            [] => {}
+            [p] if Some(p.name()) == key => {}
+            [p] => write_selector(series, [(p.name(), p.value())]),
+            _ => {
+                order.clear();
+                order.extend((0..record.len()).filter(|&i| Some(record[i].name()) != key));
+                order.sort_unstable_by(|&a, &b| {
+                    let (a, b) = (&record[a], &record[b]);
+                    (a.name(), a.value()).cmp(&(b.name(), b.value()))
+                });
+                write_selector(
+                    series,
+                    order.iter().map(|&i| (record[i].name(), record[i].value())),
+                );
+            }
+        }
+        Ok((id, self.resource_labels(key)))
     }
 }
 
-/// `{k="v",...}` with Prometheus' escaping of `\`, `"` and newlines; empty for no pairs.
-pub(crate) fn selector(pairs: &[(&str, &str)]) -> String {
-    if pairs.is_empty() {
-        return String::new();
-    }
-    let mut out = String::from("{");
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
+/// Appends `{k="v",...}` to `out` (nothing for no pairs).
+fn write_selector<'p>(out: &mut String, pairs: impl IntoIterator<Item = (&'p str, &'p str)>) {
+    let start = out.len();
+    for (k, v) in pairs {
+        out.push(if out.len() == start { '{' } else { ',' });
         out.push_str(k);
         out.push_str("=\"");
-        for c in v.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
+        push_escaped(out, v);
         out.push('"');
     }
-    out.push('}');
+    if out.len() > start {
+        out.push('}');
+    }
+}
+
+/// Appends a label value with Prometheus' escaping of `\`, `"` and newlines.
+fn push_escaped(out: &mut String, value: &str) {
+    let mut from = 0;
+    for (i, b) in value.bytes().enumerate() {
+        let escaped = match b {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            b'\n' => "\\n",
+            _ => continue,
+        };
+        out.push_str(&value[from..i]);
+        out.push_str(escaped);
+        from = i + 1;
+    }
+    out.push_str(&value[from..]);
+}
+
+/// `{k="v",...}` with Prometheus' escaping of `\`, `"` and newlines; empty for no pairs.
+#[cfg(test)]
+pub(crate) fn selector(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    write_selector(&mut out, pairs.iter().copied());
     out
 }
 
@@ -212,6 +274,51 @@ mod tests {
     }
 
     #[test]
+    fn the_resource_entity_key_is_a_label_when_a_record_names_another_entity() {
+        let keys = vec!["k8s.pod.name".to_string(), "host.name".to_string()];
+        let promoted = ["host.name".to_string(), "zone".to_string()];
+        let resource = kv(&[("host.name", "h1"), ("zone", "a")]);
+        let r = Resolver::new(&keys, &resource, &promoted);
+        // The resource names the entity: its key is not repeated as a label.
+        let (id, labels, _) = r.series(&kv(&[("cpu", "0")])).unwrap();
+        assert_eq!(id.as_str(), "h1");
+        assert_eq!(labels, [("zone".into(), "a".into())].into());
+        // A pod named by the record: the host is one of its labels.
+        let (id, labels, series) = r
+            .series(&kv(&[("k8s.pod.name", "p1"), ("cpu", "0")]))
+            .unwrap();
+        assert_eq!(id.as_str(), "p1");
+        assert_eq!(series, r#"{cpu="0"}"#);
+        assert_eq!(
+            labels,
+            [
+                ("host.name".into(), "h1".into()),
+                ("zone".into(), "a".into())
+            ]
+            .into()
+        );
+        // The record naming the host itself: the resource's host is no label of it.
+        let (id, labels, _) = r.series(&kv(&[("host.name", "h2")])).unwrap();
+        assert_eq!(id.as_str(), "h2");
+        assert_eq!(labels, [("zone".into(), "a".into())].into());
+        // Entities named by records, valid or not, one after the other.
+        assert_eq!(
+            r.series(&kv(&[("k8s.pod.name", "p1")])).unwrap().0.as_str(),
+            "p1"
+        );
+        assert_eq!(
+            r.series(&kv(&[("k8s.pod.name", "p2")])).unwrap().0.as_str(),
+            "p2"
+        );
+        let bad = r.series(&kv(&[("k8s.pod.name", "p\n")])).unwrap_err();
+        assert_eq!(bad.class, ErrorClass::MissingField);
+        assert_eq!(
+            r.series(&kv(&[("k8s.pod.name", "p2")])).unwrap().0.as_str(),
+            "p2"
+        );
+    }
+
+    #[test]
     fn point_attributes_name_the_series() {
         let keys = vec!["host.name".to_string()];
         let resource = kv(&[("host.name", "h1"), ("service.name", "api")]);
@@ -223,5 +330,16 @@ mod tests {
         assert_eq!(labels["service.name"], "api");
         assert_eq!(r.series::<(String, String)>(&[]).unwrap().2, "");
         assert_eq!(selector(&[("p", "a\"b\\c")]), r#"{p="a\"b\\c"}"#);
+        assert_eq!(
+            selector(&[("p", "\n"), ("q", "é\"\"")]),
+            r#"{p="\n",q="é\"\""}"#
+        );
+        // Several attributes are sorted; the one naming the entity is left out.
+        assert_eq!(
+            r.series(&kv(&[("b", "2"), ("host.name", "h2"), ("a", "1")]))
+                .unwrap()
+                .2,
+            r#"{a="1",b="2"}"#
+        );
     }
 }

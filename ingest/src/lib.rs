@@ -18,6 +18,14 @@
 //! summaries `NAME.count`, `NAME.sum` and one `NAME.pQ` per quantile. Logs keep severity, body and
 //! attributes. Spans become caller -> callee edges with call and error counts and latency.
 //!
+//! Each sample has a [`MetricKind`](foresight_events::MetricKind). OTLP: a monotonic cumulative
+//! sum is a counter, a delta sum (monotonic or not) a delta, and anything else a gauge (a
+//! non-monotonic cumulative sum is an up-down counter's level); the `.count` and `.sum` of
+//! histograms are counters when cumulative and deltas when delta (summaries' are cumulative), and
+//! their min, max and quantiles gauges. An unspecified temporality gives gauges. Prometheus:
+//! names ending in `_total`, `_count`, `_sum` or `_bucket` are counters, the rest gauges. Native
+//! JSON says so itself (`kind`, default `gauge`).
+//!
 //! The entity of OTLP and Prometheus records is the first of [`IngestConfig::entity_keys`] found
 //! among the record's attributes (labels), then its resource's; the rest are kept as labels.
 //!
@@ -26,11 +34,14 @@
 //! ```json
 //! {"entity": "node-1", "metric": "disk_used_pct", "time": "2026-01-01T00:00:00Z", "value": 71.5,
 //!  "labels": {"zone": "a"}}
+//! {"entity": "node-1", "metric": "disk_writes", "time": 1767225600000, "value": 1234, "kind": "counter"}
 //! {"schema_version": 1, "samples": [ ... ]}
 //! ```
 //!
 //! `time` is RFC 3339 or a number of Unix epoch milliseconds; `value` is a number, or a string
-//! holding one (as Prometheus writes them); `schema_version` is optional and must be 1.
+//! holding one (as Prometheus writes them); `kind` is optional: `gauge` (the default), `counter`
+//! or `delta`, and any other value rejects the sample (`invalid_value`); `schema_version` is
+//! optional and must be 1.
 //!
 //! ```
 //! use foresight_ingest::{Decoder, Format, IngestConfig, Signal};

@@ -3,7 +3,7 @@
 use std::{borrow::Cow, collections::BTreeMap};
 
 use chrono::{DateTime, Utc};
-use foresight_events::{ErrorClass, MetricSample, Rejection, Telemetry};
+use foresight_events::{ErrorClass, MetricKind, MetricSample, Rejection, Telemetry};
 use serde::Deserialize;
 
 use crate::{
@@ -32,6 +32,10 @@ struct RawSample<'a> {
     value: Option<RawValue<'a>>,
     #[serde(default, borrow)]
     labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    /// `gauge` (the default), `counter` or `delta`; read as text so that an unknown kind rejects
+    /// its sample only, not the whole message.
+    #[serde(borrow)]
+    kind: Option<Cow<'a, str>>,
 }
 
 /// A time: epoch milliseconds or RFC 3339 text.
@@ -226,12 +230,26 @@ fn validate(raw: RawSample<'_>, checks: &At<'_>) -> Result<MetricSample, Rejecti
             })?,
     };
     let value = raw.value.ok_or_else(|| missing("value"))?.number()?;
+    let kind = raw.kind.as_deref().map_or(Ok(MetricKind::Gauge), kind)?;
     let labels = raw
         .labels
         .into_iter()
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    checks.sample(id, metric.into_owned(), time, value, labels)
+    checks.sample(id, metric.into_owned(), time, value, labels, kind)
+}
+
+/// A sample's `kind`, as [`MetricKind`] writes it.
+fn kind(text: &str) -> Result<MetricKind, Rejection> {
+    match text {
+        "gauge" => Ok(MetricKind::Gauge),
+        "counter" => Ok(MetricKind::Counter),
+        "delta" => Ok(MetricKind::Delta),
+        _ => Err(Rejection::new(
+            ErrorClass::InvalidValue,
+            format!("`kind` {text:?} is not one of \"gauge\", \"counter\", \"delta\""),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +327,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reads_the_metric_kind() {
+        let kind = |k: &str| {
+            let d = decode(&format!(
+                r#"{{"entity":"n","metric":"m","time":1,"value":1{k}}}"#
+            ));
+            samples(&d).first().map(|s| s.kind)
+        };
+        assert_eq!(kind(""), Some(MetricKind::Gauge));
+        assert_eq!(kind(r#","kind":"gauge""#), Some(MetricKind::Gauge));
+        assert_eq!(kind(r#","kind":"counter""#), Some(MetricKind::Counter));
+        assert_eq!(kind(r#","kind":"delta""#), Some(MetricKind::Delta));
+        // An unknown kind rejects its sample only.
+        let d = decode(
+            r#"[{"entity":"n","metric":"m","time":1,"value":1,"kind":"Counter"},{"entity":"n","metric":"m","time":2,"value":2,"kind":"counter"}]"#,
+        );
+        assert_eq!(samples(&d).len(), 1);
+        assert_eq!(d.rejections.len(), 1);
+        assert_eq!(d.rejections[0].class, ErrorClass::InvalidValue);
+        assert_eq!(
+            d.rejections[0].reason,
+            r#"sample 0: `kind` "Counter" is not one of "gauge", "counter", "delta""#
+        );
+        assert_eq!(
+            class(&decode(
+                r#"{"entity":"n","metric":"m","time":1,"value":1,"kind":7}"#
+            )),
+            ErrorClass::Undecodable,
+            "not text: the message does not parse"
+        );
+    }
+
     fn decode_bytes(b: &[u8]) -> Decoded {
         native(&Decoder::new(IngestConfig::default()), b, None)
     }
@@ -360,11 +410,15 @@ mod tests {
             shape in 0u8..3,
             rfc3339 in proptest::bool::ANY,
             text_value in proptest::bool::ANY,
+            kind in proptest::option::of(proptest::sample::select(vec![MetricKind::Gauge, MetricKind::Counter, MetricKind::Delta])),
         ) {
             let time = DateTime::from_timestamp_millis(ms).unwrap();
             let t = if rfc3339 { serde_json::json!(time.to_rfc3339()) } else { serde_json::json!(ms) };
             let v = if text_value { serde_json::json!(value.to_string()) } else { serde_json::json!(value) };
-            let one = serde_json::json!({"entity": entity, "metric": metric, "time": t, "value": v, "labels": labels});
+            let mut one = serde_json::json!({"entity": entity, "metric": metric, "time": t, "value": v, "labels": labels});
+            if let Some(k) = kind {
+                one["kind"] = serde_json::json!(k.as_str());
+            }
             let message = match shape {
                 0 => one,
                 1 => serde_json::json!({"schema_version": 1, "samples": [one]}),
@@ -379,6 +433,7 @@ mod tests {
             proptest::prop_assert_eq!(s[0].time, time);
             proptest::prop_assert_eq!(s[0].value, value);
             proptest::prop_assert_eq!(&s[0].labels, &labels);
+            proptest::prop_assert_eq!(s[0].kind, kind.unwrap_or_default());
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
-    DependencyEdge, EntityId, ErrorClass, LogEvent, Rejection, Severity, Telemetry,
+    DependencyEdge, EntityId, ErrorClass, LogEvent, MetricKind, Rejection, Severity, Telemetry,
 };
 use opentelemetry_proto::tonic::{
     collector::{
@@ -16,7 +16,9 @@ use opentelemetry_proto::tonic::{
         trace::v1::ExportTraceServiceRequest,
     },
     common::v1::{AnyValue, KeyValue, any_value},
-    metrics::v1::{metric::Data, number_data_point},
+    metrics::v1::{
+        AggregationTemporality, NumberDataPoint, ResourceMetrics, metric::Data, number_data_point,
+    },
     resource::v1::Resource,
     trace::v1::{span::SpanKind, status::StatusCode},
 };
@@ -50,9 +52,12 @@ pub(crate) fn decode_proto(
         )
     };
     match signal {
-        Signal::Metrics => match ExportMetricsServiceRequest::decode(bytes) {
-            Ok(r) => metrics(r, config, checks),
-            Err(e) => undecodable(e, "ExportMetricsServiceRequest"),
+        Signal::Metrics => match metrics_stream(bytes, config, checks) {
+            Some(decoded) => decoded,
+            None => match ExportMetricsServiceRequest::decode(bytes) {
+                Ok(r) => metrics(r, config, checks),
+                Err(e) => undecodable(e, "ExportMetricsServiceRequest"),
+            },
         },
         Signal::Logs => match ExportLogsServiceRequest::decode(bytes) {
             Ok(r) => logs(r, config, checks),
@@ -187,9 +192,6 @@ fn histogram_quantile(
     bounds.last().copied()
 }
 
-/// One data point: its attributes, its time, and the (metric suffix, value) samples it yields.
-type Point = (Vec<KeyValue>, u64, Vec<(String, f64)>);
-
 const QUANTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")];
 
 fn quantile_name(q: f64) -> String {
@@ -201,30 +203,108 @@ fn quantile_name(q: f64) -> String {
     }
 }
 
-fn metrics(
-    request: ExportMetricsServiceRequest,
-    config: &IngestConfig,
-    checks: &At<'_>,
-) -> Decoded {
-    let mut out = Decoded::default();
-    for rm in request.resource_metrics {
+const CUMULATIVE: i32 = AggregationTemporality::Cumulative as i32;
+const DELTA: i32 = AggregationTemporality::Delta as i32;
+
+/// The kind of a sum's points: a monotonic cumulative sum is a counter, a delta sum (monotonic or
+/// not) a delta, and a non-monotonic cumulative sum (an up-down counter) the level it has reached,
+/// a gauge. So is a sum of unspecified temporality, which no rate can be derived from.
+fn sum_kind(temporality: i32, monotonic: bool) -> MetricKind {
+    match temporality {
+        DELTA => MetricKind::Delta,
+        CUMULATIVE if monotonic => MetricKind::Counter,
+        _ => MetricKind::Gauge,
+    }
+}
+
+/// The kind of a histogram's `.count` and `.sum`: running totals when cumulative, increments
+/// when delta (unspecified: a gauge, as for sums).
+fn totals_kind(temporality: i32) -> MetricKind {
+    match temporality {
+        DELTA => MetricKind::Delta,
+        CUMULATIVE => MetricKind::Counter,
+        _ => MetricKind::Gauge,
+    }
+}
+
+/// A sample of a data point: the suffix of its metric name (empty for none), value and kind.
+type Derived = (Cow<'static, str>, f64, MetricKind);
+
+/// Metric samples as they are normalised, one resource at a time, and the space reused from
+/// one data point to the next.
+struct Metrics<'c> {
+    config: &'c IngestConfig,
+    checks: &'c At<'c>,
+    out: Decoded,
+    /// For sorting a point's attributes.
+    order: Vec<usize>,
+    /// A point's series selector.
+    series: String,
+    /// The last point's time: the points of one scrape share theirs.
+    time: Option<(u64, DateTime<Utc>)>,
+}
+
+impl<'c> Metrics<'c> {
+    fn new(config: &'c IngestConfig, checks: &'c At<'c>, capacity: usize) -> Self {
+        Self {
+            config,
+            checks,
+            out: Decoded {
+                telemetry: Vec::with_capacity(capacity),
+                rejections: Vec::new(),
+            },
+            order: Vec::new(),
+            series: String::new(),
+            time: None,
+        }
+    }
+
+    /// Normalises the metrics of one resource.
+    fn resource(&mut self, rm: &ResourceMetrics) {
         let resource = resource_pairs(rm.resource.as_ref());
-        let resolver = Resolver::new(&config.entity_keys, &resource, &config.resource_labels);
-        for sm in rm.scope_metrics {
-            for metric in sm.metrics {
-                let name = metric.name;
-                let Some(data) = metric.data else { continue };
-                // Each data point yields one or more (suffix, value) samples.
-                let mut points: Vec<Point> = Vec::new();
+        let resolver = Resolver::new(
+            &self.config.entity_keys,
+            &resource,
+            &self.config.resource_labels,
+        );
+        // A point's attributes as (name, text), and the samples of a histogram or summary point.
+        let mut pairs = Vec::new();
+        let mut derived: Vec<Derived> = Vec::new();
+        for sm in &rm.scope_metrics {
+            for metric in &sm.metrics {
+                let name = metric.name.as_str();
+                let Some(data) = &metric.data else { continue };
+                let mut point = Point {
+                    metrics: self,
+                    resolver: &resolver,
+                    pairs: &mut pairs,
+                    name,
+                };
                 match data {
-                    Data::Gauge(g) => points.extend(g.data_points.into_iter().map(number)),
-                    Data::Sum(s) => points.extend(s.data_points.into_iter().map(number)),
+                    Data::Gauge(g) => {
+                        for dp in &g.data_points {
+                            point.emit(
+                                &dp.attributes,
+                                dp.time_unix_nano,
+                                &[("".into(), number(dp), MetricKind::Gauge)],
+                            );
+                        }
+                    }
+                    Data::Sum(s) => {
+                        let kind = sum_kind(s.aggregation_temporality, s.is_monotonic);
+                        for dp in &s.data_points {
+                            point.emit(
+                                &dp.attributes,
+                                dp.time_unix_nano,
+                                &[("".into(), number(dp), kind)],
+                            );
+                        }
+                    }
                     Data::Histogram(h) => {
-                        for dp in h.data_points {
-                            let mut values = vec![("count".to_owned(), dp.count as f64)];
-                            values.extend(dp.sum.map(|s| ("sum".to_owned(), s)));
-                            values.extend(dp.min.map(|m| ("min".to_owned(), m)));
-                            values.extend(dp.max.map(|m| ("max".to_owned(), m)));
+                        let totals = totals_kind(h.aggregation_temporality);
+                        for dp in &h.data_points {
+                            derived.clear();
+                            summary(&mut derived, totals, dp.count, dp.sum, dp.min, dp.max);
                             for (q, label) in QUANTILES {
                                 if let Some(v) = histogram_quantile(
                                     q,
@@ -233,18 +313,17 @@ fn metrics(
                                     dp.min,
                                     dp.max,
                                 ) {
-                                    values.push((label.to_owned(), v));
+                                    derived.push((label.into(), v, MetricKind::Gauge));
                                 }
                             }
-                            points.push((dp.attributes, dp.time_unix_nano, values));
+                            point.emit(&dp.attributes, dp.time_unix_nano, &derived);
                         }
                     }
                     Data::ExponentialHistogram(h) => {
-                        for dp in h.data_points {
-                            let mut values = vec![("count".to_owned(), dp.count as f64)];
-                            values.extend(dp.sum.map(|s| ("sum".to_owned(), s)));
-                            values.extend(dp.min.map(|m| ("min".to_owned(), m)));
-                            values.extend(dp.max.map(|m| ("max".to_owned(), m)));
+                        let totals = totals_kind(h.aggregation_temporality);
+                        for dp in &h.data_points {
+                            derived.clear();
+                            summary(&mut derived, totals, dp.count, dp.sum, dp.min, dp.max);
                             if let Some(pos) = &dp.positive {
                                 // Bucket i covers (base^(offset+i), base^(offset+i+1)], base = 2^(2^-scale).
                                 let base = 2f64.powf(2f64.powi(-dp.scale));
@@ -258,73 +337,190 @@ fn metrics(
                                     if let Some(v) =
                                         histogram_quantile(q, &bounds, &counts, dp.min, dp.max)
                                     {
-                                        values.push((label.to_owned(), v));
+                                        derived.push((label.into(), v, MetricKind::Gauge));
                                     }
                                 }
                             }
-                            points.push((dp.attributes, dp.time_unix_nano, values));
+                            point.emit(&dp.attributes, dp.time_unix_nano, &derived);
                         }
                     }
                     Data::Summary(s) => {
-                        for dp in s.data_points {
-                            let mut values = vec![
-                                ("count".to_owned(), dp.count as f64),
-                                ("sum".to_owned(), dp.sum),
-                            ];
-                            values.extend(
-                                dp.quantile_values
-                                    .iter()
-                                    .map(|q| (quantile_name(q.quantile), q.value)),
+                        // A summary's count and sum are cumulative by definition.
+                        for dp in &s.data_points {
+                            derived.clear();
+                            summary(
+                                &mut derived,
+                                MetricKind::Counter,
+                                dp.count,
+                                Some(dp.sum),
+                                None,
+                                None,
                             );
-                            points.push((dp.attributes, dp.time_unix_nano, values));
+                            derived.extend(dp.quantile_values.iter().map(|q| {
+                                (quantile_name(q.quantile).into(), q.value, MetricKind::Gauge)
+                            }));
+                            point.emit(&dp.attributes, dp.time_unix_nano, &derived);
                         }
-                    }
-                }
-                for (attributes, time, values) in points {
-                    let attributes = pairs(&attributes);
-                    let mut identified = resolver.series(&attributes);
-                    let time = nanos(time, "timeUnixNano");
-                    let last = values.len().saturating_sub(1);
-                    for (i, (suffix, value)) in values.into_iter().enumerate() {
-                        let result = match (&mut identified, &time) {
-                            (Ok((id, labels, series)), Ok(t)) => {
-                                let metric = match suffix.is_empty() {
-                                    true => format!("{name}{series}"),
-                                    false => format!("{name}.{suffix}{series}"),
-                                };
-                                // The last sample of a point takes its labels; the others copy them.
-                                let labels = if i == last {
-                                    std::mem::take(labels)
-                                } else {
-                                    labels.clone()
-                                };
-                                checks
-                                    .sample(id.clone(), metric, *t, value, labels)
-                                    .map(Telemetry::Sample)
-                            }
-                            (Err(e), _) => Err(e.clone()),
-                            (_, Err(e)) => Err(e.clone()),
-                        };
-                        push(&mut out, || format!("metric {name}.{suffix}"), result);
                     }
                 }
             }
         }
     }
-    out
+
+    /// A point's time, converted once for all the points that share it.
+    fn time(&mut self, ns: u64) -> Result<DateTime<Utc>, Rejection> {
+        match self.time {
+            Some((known, time)) if known == ns => Ok(time),
+            _ => {
+                let time = nanos(ns, "timeUnixNano")?;
+                self.time = Some((ns, time));
+                Ok(time)
+            }
+        }
+    }
 }
 
-fn number(dp: opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> Point {
-    let value = match dp.value {
+/// The data points of one metric.
+struct Point<'m, 'c, 'r> {
+    metrics: &'m mut Metrics<'c>,
+    resolver: &'m Resolver<'c>,
+    pairs: &'m mut Vec<(&'r str, Cow<'r, str>)>,
+    name: &'r str,
+}
+
+impl<'r> Point<'_, '_, 'r> {
+    /// Validates one data point and its samples: entity, series and time are worked out once
+    /// for all the samples of the point.
+    fn emit(&mut self, attributes: &'r [KeyValue], time_unix_nano: u64, samples: &[Derived]) {
+        let m = &mut *self.metrics;
+        self.pairs.clear();
+        self.pairs.extend(
+            attributes
+                .iter()
+                .map(|kv| (kv.key.as_str(), text(kv.value.as_ref()))),
+        );
+        let mut identified = self.resolver.point(self.pairs, &mut m.order, &mut m.series);
+        let time = m.time(time_unix_nano);
+        let name = self.name;
+        let last = samples.len().saturating_sub(1);
+        for (i, (suffix, value, kind)) in samples.iter().enumerate() {
+            let result = match (&mut identified, &time) {
+                (Ok((id, labels)), Ok(t)) => {
+                    let series = &m.series;
+                    let mut metric =
+                        String::with_capacity(name.len() + 1 + suffix.len() + series.len());
+                    metric.push_str(name);
+                    if !suffix.is_empty() {
+                        metric.push('.');
+                        metric.push_str(suffix);
+                    }
+                    metric.push_str(series);
+                    // The last sample of a point takes its labels; the others copy them.
+                    let labels = if i == last {
+                        std::mem::take(labels)
+                    } else {
+                        labels.clone()
+                    };
+                    m.checks
+                        .sample(id.clone(), metric, *t, *value, labels.into_owned(), *kind)
+                        .map(Telemetry::Sample)
+                }
+                (Err(e), _) => Err(e.clone()),
+                (_, Err(e)) => Err(e.clone()),
+            };
+            push(&mut m.out, || format!("metric {name}.{suffix}"), result);
+        }
+    }
+}
+
+/// How many samples the metrics of a resource yield, at least (one per data point); for
+/// reserving space.
+fn data_points(rm: &ResourceMetrics) -> usize {
+    rm.scope_metrics
+        .iter()
+        .flat_map(|sm| &sm.metrics)
+        .map(|m| match &m.data {
+            None => 0,
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            Some(Data::Summary(s)) => s.data_points.len(),
+        })
+        .sum()
+}
+
+/// An `ExportMetricsServiceRequest` read one `ResourceMetrics` at a time, each decoded (by the
+/// generated type) and normalised before the next is read, so the memory of one is reused for
+/// the next and only one resource's decoded tree is alive at a time. The request's only field is
+/// `resource_metrics` (field 1, length-delimited: key byte 0x0a); anything else, and any decoding
+/// error, gives `None`, and the whole request is then decoded as one (same samples, or the same
+/// error). The one difference: prost's nesting limit (100) counts from each resource rather than
+/// from the request, one level more for deeply nested attribute values.
+fn metrics_stream(bytes: &[u8], config: &IngestConfig, checks: &At<'_>) -> Option<Decoded> {
+    const RESOURCE_METRICS_KEY: u8 = 1 << 3 | 2;
+    let mut m = Metrics::new(config, checks, 0);
+    let mut buf = bytes;
+    while let Some((&key, rest)) = buf.split_first() {
+        if key != RESOURCE_METRICS_KEY {
+            return None;
+        }
+        buf = rest;
+        let len = prost::decode_length_delimiter(&mut buf).ok()?;
+        if len > buf.len() {
+            return None;
+        }
+        let (message, rest) = buf.split_at(len);
+        buf = rest;
+        let rm = ResourceMetrics::decode(message).ok()?;
+        let points = data_points(&rm);
+        if m.out.telemetry.capacity() == 0 {
+            // Space for the whole request, if its resources are alike.
+            let estimate = points.saturating_mul(bytes.len() / len.max(1));
+            m.out.telemetry.reserve(estimate.min(bytes.len() / 16));
+        }
+        m.out.telemetry.reserve(points);
+        m.resource(&rm);
+    }
+    Some(m.out)
+}
+
+fn metrics(
+    request: ExportMetricsServiceRequest,
+    config: &IngestConfig,
+    checks: &At<'_>,
+) -> Decoded {
+    let capacity = request.resource_metrics.iter().map(data_points).sum();
+    let mut m = Metrics::new(config, checks, capacity);
+    for rm in &request.resource_metrics {
+        m.resource(rm);
+    }
+    m.out
+}
+
+/// A distribution's `count` and `sum` (running totals or increments, as `totals` says) and its
+/// `min` and `max` (levels).
+fn summary(
+    derived: &mut Vec<Derived>,
+    totals: MetricKind,
+    count: u64,
+    sum: Option<f64>,
+    min: Option<f64>,
+    max: Option<f64>,
+) {
+    derived.push(("count".into(), count as f64, totals));
+    derived.extend(sum.map(|s| ("sum".into(), s, totals)));
+    derived.extend(min.map(|m| ("min".into(), m, MetricKind::Gauge)));
+    derived.extend(max.map(|m| ("max".into(), m, MetricKind::Gauge)));
+}
+
+/// A number data point's value.
+fn number(dp: &NumberDataPoint) -> f64 {
+    match dp.value {
         Some(number_data_point::Value::AsDouble(d)) => d,
         Some(number_data_point::Value::AsInt(i)) => i as f64,
         None => f64::NAN, // refused by the checks as "not a finite value"
-    };
-    (
-        dp.attributes,
-        dp.time_unix_nano,
-        vec![(String::new(), value)],
-    )
+    }
 }
 
 /// OTLP severity number (1-24) to ours; unset falls back to the severity text, then `info`.
@@ -508,8 +704,10 @@ mod tests {
         common::v1::{AnyValue, KeyValue, any_value::Value},
         logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
         metrics::v1::{
-            Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics,
-            ScopeMetrics, metric,
+            ExponentialHistogram, ExponentialHistogramDataPoint, Gauge, Histogram,
+            HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+            Summary, SummaryDataPoint, exponential_histogram_data_point, metric,
+            summary_data_point,
         },
         resource::v1::Resource,
         trace::v1::{ResourceSpans, ScopeSpans, Span, Status},
@@ -851,6 +1049,205 @@ mod tests {
         );
     }
 
+    fn metric(name: &str, data: metric::Data) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    fn number_points(value: f64) -> Vec<NumberDataPoint> {
+        vec![NumberDataPoint {
+            time_unix_nano: 1_700_000_000_000_000_000,
+            value: Some(number_data_point::Value::AsDouble(value)),
+            ..Default::default()
+        }]
+    }
+
+    fn sum(temporality: AggregationTemporality, monotonic: bool) -> metric::Data {
+        metric::Data::Sum(Sum {
+            data_points: number_points(1.0),
+            aggregation_temporality: temporality as i32,
+            is_monotonic: monotonic,
+        })
+    }
+
+    fn histogram(temporality: AggregationTemporality) -> metric::Data {
+        metric::Data::Histogram(Histogram {
+            data_points: vec![HistogramDataPoint {
+                time_unix_nano: 1_700_000_000_000_000_000,
+                count: 10,
+                sum: Some(25.0),
+                min: Some(0.5),
+                max: Some(9.0),
+                explicit_bounds: vec![1.0, 5.0],
+                bucket_counts: vec![2, 5, 3],
+                ..Default::default()
+            }],
+            aggregation_temporality: temporality as i32,
+        })
+    }
+
+    fn one_resource(metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: resource(&[("host.name", "h1")]),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn metric_kinds_follow_the_type_and_temporality() {
+        use AggregationTemporality::{Cumulative, Delta, Unspecified};
+        use MetricKind::{Counter, Delta as Increment, Gauge as Level};
+        let req = one_resource(vec![
+            metric(
+                "gauge",
+                metric::Data::Gauge(Gauge {
+                    data_points: number_points(1.0),
+                }),
+            ),
+            metric("counter", sum(Cumulative, true)),
+            metric("updown", sum(Cumulative, false)),
+            metric("delta", sum(Delta, true)),
+            metric("delta_updown", sum(Delta, false)),
+            metric("unspecified", sum(Unspecified, true)),
+            metric("hist", histogram(Cumulative)),
+            metric("hist_delta", histogram(Delta)),
+            metric(
+                "exp_delta",
+                metric::Data::ExponentialHistogram(ExponentialHistogram {
+                    data_points: vec![ExponentialHistogramDataPoint {
+                        time_unix_nano: 1_700_000_000_000_000_000,
+                        count: 4,
+                        sum: Some(10.0),
+                        positive: Some(exponential_histogram_data_point::Buckets {
+                            offset: 0,
+                            bucket_counts: vec![1, 3],
+                        }),
+                        ..Default::default()
+                    }],
+                    aggregation_temporality: Delta as i32,
+                }),
+            ),
+            metric(
+                "summary",
+                metric::Data::Summary(Summary {
+                    data_points: vec![SummaryDataPoint {
+                        time_unix_nano: 1_700_000_000_000_000_000,
+                        count: 3,
+                        sum: 6.0,
+                        quantile_values: vec![summary_data_point::ValueAtQuantile {
+                            quantile: 0.5,
+                            value: 2.0,
+                        }],
+                        ..Default::default()
+                    }],
+                }),
+            ),
+        ]);
+        let proto = decoder().decode(
+            &req.encode_to_vec(),
+            Format::OtlpProto,
+            Signal::Metrics,
+            None,
+            None,
+        );
+        let json = decoder().decode(
+            &serde_json::to_vec(&req).unwrap(),
+            Format::OtlpJson,
+            Signal::Metrics,
+            None,
+            None,
+        );
+        assert!(proto.rejections.is_empty(), "{:?}", proto.rejections);
+        assert_eq!(samples(&proto), samples(&json));
+        let got: BTreeMap<String, MetricKind> = samples(&proto)
+            .into_iter()
+            .map(|s| (s.metric, s.kind))
+            .collect();
+        let want: BTreeMap<String, MetricKind> = [
+            ("gauge", Level),
+            ("counter", Counter),
+            ("updown", Level),
+            ("delta", Increment),
+            ("delta_updown", Increment),
+            ("unspecified", Level),
+            ("hist.count", Counter),
+            ("hist.sum", Counter),
+            ("hist.min", Level),
+            ("hist.max", Level),
+            ("hist.p50", Level),
+            ("hist.p95", Level),
+            ("hist.p99", Level),
+            ("hist_delta.count", Increment),
+            ("hist_delta.sum", Increment),
+            ("hist_delta.min", Level),
+            ("hist_delta.max", Level),
+            ("hist_delta.p50", Level),
+            ("hist_delta.p95", Level),
+            ("hist_delta.p99", Level),
+            ("exp_delta.count", Increment),
+            ("exp_delta.sum", Increment),
+            ("exp_delta.p50", Level),
+            ("exp_delta.p95", Level),
+            ("exp_delta.p99", Level),
+            ("summary.count", Counter),
+            ("summary.sum", Counter),
+            ("summary.p50", Level),
+        ]
+        .into_iter()
+        .map(|(m, k)| (m.to_owned(), k))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    /// What the request decoded as a whole gives (the path of OTLP/JSON, and of protobuf
+    /// requests that are not read one resource at a time).
+    fn whole(bytes: &[u8]) -> Decoded {
+        let config = IngestConfig::default();
+        let checks = crate::checks::Checks::new(&config);
+        metrics(
+            ExportMetricsServiceRequest::decode(bytes).unwrap(),
+            &config,
+            &checks.at(None),
+        )
+    }
+
+    #[test]
+    fn protobuf_read_by_resource_falls_back_to_the_whole_request() {
+        let mut bytes =
+            gauge_request("h1", "m", &[(1_700_000_000_000_000_000, 1.0)]).encode_to_vec();
+        let plain = decoder().decode(&bytes, Format::OtlpProto, Signal::Metrics, None, None);
+        assert_eq!(samples(&plain).len(), 1);
+        let config = IngestConfig::default();
+        let checks = crate::checks::Checks::new(&config);
+        assert!(metrics_stream(&bytes, &config, &checks.at(None)).is_some());
+        // An unknown field (2, varint 1) is skipped, as prost skips it.
+        bytes.extend([2 << 3, 1]);
+        assert!(metrics_stream(&bytes, &config, &checks.at(None)).is_none());
+        let unknown = decoder().decode(&bytes, Format::OtlpProto, Signal::Metrics, None, None);
+        assert_eq!(unknown, plain);
+        assert_eq!(whole(&bytes), plain);
+        // A truncated request is undecodable, with prost's reason for the whole request.
+        let cut = &bytes[..bytes.len() - 4];
+        let err = ExportMetricsServiceRequest::decode(cut).unwrap_err();
+        let d = decoder().decode(cut, Format::OtlpProto, Signal::Metrics, None, None);
+        assert_eq!(
+            d,
+            Decoded::rejected(
+                ErrorClass::Undecodable,
+                format!("not an OTLP ExportMetricsServiceRequest protobuf: {err}")
+            )
+        );
+    }
+
     #[test]
     fn histogram_quantiles_interpolate() {
         assert_eq!(
@@ -877,6 +1274,61 @@ mod tests {
                 let want: Vec<(i64, f64)> = points.iter().map(|(t, v)| (*t as i64, *v)).collect();
                 prop_assert_eq!(got, want);
             }
+        }
+
+        /// Reading a request one resource at a time gives what decoding it whole does: the same
+        /// samples and rejections in the same order, whatever the resources and their points.
+        #[test]
+        fn read_by_resource_equals_whole(
+            resources in prop::collection::vec(
+                (
+                    prop::option::of("[a-z0-9-]{0,6}"),
+                    prop::collection::vec(
+                        (
+                            "[a-z.]{0,6}",
+                            prop::collection::vec((0u64..3, -1e6f64..1e6, prop::option::of("[a-z0-9]{0,3}")), 0..4),
+                        ),
+                        0..4,
+                    ),
+                ),
+                0..5,
+            ),
+        ) {
+            let req = ExportMetricsServiceRequest {
+                resource_metrics: resources
+                    .iter()
+                    .map(|(host, metrics)| ResourceMetrics {
+                        resource: host.as_deref().and_then(|h| resource(&[("host.name", h), ("service.name", "api")])),
+                        scope_metrics: vec![ScopeMetrics {
+                            metrics: metrics
+                                .iter()
+                                .map(|(name, points)| Metric {
+                                    name: name.clone(),
+                                    data: Some(metric::Data::Gauge(Gauge {
+                                        data_points: points
+                                            .iter()
+                                            .map(|(t, v, pod)| NumberDataPoint {
+                                                time_unix_nano: t * 1_700_000_000_000_000_000,
+                                                value: Some(number_data_point::Value::AsDouble(*v)),
+                                                attributes: pod.iter().map(|p| kv("k8s.pod.name", p)).chain([kv("cpu", "0")]).collect(),
+                                                ..Default::default()
+                                            })
+                                            .collect(),
+                                    })),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            let bytes = req.encode_to_vec();
+            let d = decoder().decode(&bytes, Format::OtlpProto, Signal::Metrics, None, None);
+            prop_assert_eq!(&d, &whole(&bytes));
+            let json = decoder().decode(&serde_json::to_vec(&req).unwrap(), Format::OtlpJson, Signal::Metrics, None, None);
+            prop_assert_eq!(d, json);
         }
 
         /// Arbitrary bytes never panic, whatever the format.

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use foresight_events::{ErrorClass, Rejection, Telemetry};
+use foresight_events::{ErrorClass, MetricKind, Rejection, Telemetry};
 use serde::Deserialize;
 
 use crate::{
@@ -82,10 +82,23 @@ fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, 
     let pairs: Vec<(String, String)> = labels.into_iter().collect();
     // The labels other than the entity's tell the series apart: they go into its name.
     let (entity, labels, series) = Resolver::without_resource(keys).series(&pairs)?;
+    let kind = kind(&name);
     let metric = format!("{name}{series}");
     Ok(Telemetry::Sample(
-        checks.sample(entity, metric, time, value, labels)?,
+        checks.sample(entity, metric, time, value, labels, kind)?,
     ))
+}
+
+/// Remote write does not say what a series is, so its name does, by Prometheus' naming
+/// conventions: `_total` (counters), `_count` and `_sum` (of histograms and summaries) and
+/// `_bucket` (histogram buckets) are running totals; anything else is a gauge.
+fn kind(name: &str) -> MetricKind {
+    const COUNTERS: [&str; 4] = ["_total", "_count", "_sum", "_bucket"];
+    if COUNTERS.iter().any(|suffix| name.ends_with(suffix)) {
+        MetricKind::Counter
+    } else {
+        MetricKind::Gauge
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +129,29 @@ mod tests {
         assert_eq!(s[0].metric, r#"node_load1{job="node"}"#);
         assert_eq!(s[0].value, 0.25);
         assert!(s[0].labels.is_empty());
+    }
+
+    #[test]
+    fn kinds_follow_the_naming_conventions() {
+        use foresight_events::MetricKind::{Counter, Gauge};
+        for (name, want) in [
+            ("node_cpu_seconds_total", Counter),
+            ("http_request_duration_seconds_count", Counter),
+            ("http_request_duration_seconds_sum", Counter),
+            ("http_request_duration_seconds_bucket", Counter),
+            ("node_load1", Gauge),
+            ("node_memory_MemAvailable_bytes", Gauge),
+            ("total", Gauge),
+            ("process_open_fds_totals", Gauge),
+        ] {
+            let json = format!(
+                r#"{{"timestamp":"2026-01-01T00:00:00Z","value":"1","name":"{name}","labels":{{"__name__":"{name}","instance":"h"}}}}"#
+            );
+            let d = decode(json.as_bytes());
+            let s: Vec<&MetricSample> = d.samples().collect();
+            assert_eq!(s.len(), 1, "{d:?}");
+            assert_eq!(s[0].kind, want, "{name}");
+        }
     }
 
     #[test]
