@@ -45,6 +45,7 @@ fn telemetry(end: DateTime<Utc>) -> Vec<(String, Vec<u8>)> {
 fn test_config(prefix: &str, db: &TestDb) -> Config {
     let mut c = config(prefix, db);
     c.features.window = Duration::from_secs(60);
+    c.features.max_out_of_orderness = Duration::from_secs(0);
     c.features.allowed_lateness = Duration::from_secs(0);
     c.scoring.horizon = Duration::from_secs(20 * 60);
     c.scoring.min_history = 10;

@@ -9,9 +9,7 @@ use anyhow::Context as _;
 use foresight::{Stage, config::SourceConfig, kafka::Topics};
 use foresight_events::{DependencyEdge, Event, FeatureWindow, Severity};
 use foresight_ingest::{Format, Signal};
-use foresight_tests::{
-    brokers, config_without_db, create_topics, eventually, python, read_all, tag,
-};
+use foresight_tests::{TestDb, brokers, config, create_topics, eventually, python, read_all, tag};
 use tokio_util::sync::CancellationToken;
 
 fn windows_of(topic: &str) -> anyhow::Result<Vec<FeatureWindow>> {
@@ -24,8 +22,11 @@ fn windows_of(topic: &str) -> anyhow::Result<Vec<FeatureWindow>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opentelemetry_sdk_telemetry_becomes_features_logs_and_edges() -> anyhow::Result<()> {
     let prefix = format!("otel-{}", tag());
-    let mut config = config_without_db(&prefix);
+    // The feature stage checkpoints its windows in Postgres.
+    let db = TestDb::create().await?;
+    let mut config = config(&prefix, &db);
     config.features.window = Duration::from_secs(1);
+    config.features.max_out_of_orderness = Duration::ZERO;
     config.features.allowed_lateness = Duration::from_secs(2);
     let mut source_topics = Vec::new();
     for encoding in ["proto", "json"] {
@@ -213,5 +214,5 @@ async fn opentelemetry_sdk_telemetry_becomes_features_logs_and_edges() -> anyhow
         "{:?}",
         dead.iter().map(|d| &d.headers).collect::<Vec<_>>()
     );
-    Ok(())
+    db.drop_db().await
 }

@@ -10,14 +10,17 @@ use std::{
 use chrono::{Duration as Delta, DurationRound as _, Utc};
 use foresight::{Stage, kafka::Topics};
 use foresight_events::{DeadLetter, Event, EventData, FeatureWindow};
-use foresight_tests::{config_without_db, eventually, produce, producer, read_all, tag};
+use foresight_tests::{TestDb, config, eventually, produce, producer, read_all, tag};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Result<()> {
     let prefix = format!("poison-{}", tag());
-    let mut config = config_without_db(&prefix);
+    // The feature stage checkpoints its windows in Postgres.
+    let db = TestDb::create().await?;
+    let mut config = config(&prefix, &db);
     config.features.window = Duration::from_secs(60);
+    config.features.max_out_of_orderness = Duration::ZERO;
     config.features.allowed_lateness = Duration::ZERO;
     config.ingest.max_message_bytes = 16 * 1024;
     let topics = Topics::new(&config.kafka.topic_prefix);
@@ -181,5 +184,5 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
     assert_eq!(classes, expected);
-    Ok(())
+    db.drop_db().await
 }

@@ -9,9 +9,11 @@
 //! passed its end by the allowed lateness; a record whose every window has closed is late: it
 //! goes to the dead-letter topic with the reason, never silently lost. Per-entity watermarks make
 //! the result independent of how entities are spread over partitions, so live (any number of
-//! partitions) and replay (one file) give the same windows. An entity that falls silent does not
-//! hold its last windows open forever: once its partition's watermark is `idle_timeout` ahead of
-//! it, the partition's watermark closes its windows (idle handling).
+//! partitions) and replay (one file) give the same windows. Metrics and logs arrive on different
+//! topics, read at different paces: an entity's watermark follows the slower of the two, unless
+//! one is `idle_timeout` behind the other (it stopped logging). An entity that falls silent does
+//! not hold its last windows open forever: once its partition has moved on `idle_timeout` (event
+//! time) since the entity's last record, the partition's watermark closes its windows.
 //!
 //! **State** per entity is bounded (open panes, at most `history` window means per metric, at most
 //! `max_metrics_per_entity` metrics, at most `max_templates` log templates; entities silent for
@@ -72,10 +74,10 @@ pub struct FeaturesConfig {
     /// Length of a window.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// How often a window starts: equal to `window` for tumbling windows, shorter for hopping
-    /// (sliding) ones; `window` must be a multiple of it.
-    #[serde(with = "humantime_serde")]
-    pub slide: Duration,
+    /// How often a window starts, for hopping (sliding) windows: `window` must be a multiple of
+    /// it. Unset: tumbling windows (the slide is the window).
+    #[serde(default, with = "humantime_serde::option")]
+    pub slide: Option<Duration>,
     /// How far out of order records may arrive: an entity's watermark is its latest record time
     /// minus this.
     #[serde(with = "humantime_serde")]
@@ -109,7 +111,7 @@ impl Default for FeaturesConfig {
     fn default() -> Self {
         Self {
             window: Duration::from_secs(60),
-            slide: Duration::from_secs(60),
+            slide: None,
             max_out_of_orderness: Duration::from_secs(20),
             allowed_lateness: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -170,17 +172,22 @@ pub const MAX_HISTORY: usize = 512;
 pub const MAX_PANES: i64 = 60;
 
 impl FeaturesConfig {
+    /// The slide: the configured one, else the window's length (tumbling windows).
+    pub fn slide(&self) -> Duration {
+        self.slide.unwrap_or(self.window)
+    }
+
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), FeaturesConfigError> {
         let window = self.window.as_millis() as i64;
-        let slide = self.slide.as_millis() as i64;
+        let slide = self.slide().as_millis() as i64;
         if window < 1 {
             return Err(FeaturesConfigError::WindowTooShort);
         }
         if slide < 1 || slide > window || window % slide != 0 {
             return Err(FeaturesConfigError::Slide {
                 window: self.window,
-                slide: self.slide,
+                slide: self.slide(),
             });
         }
         if window / slide > MAX_PANES {
@@ -228,6 +235,15 @@ struct MetricHistory {
 struct EntityState {
     /// Latest record time seen (ms).
     max_time: i64,
+    /// Latest sample time and latest log record time (ms; `i64::MIN` before the first). Metrics
+    /// and logs come from different topics, consumed at different paces: the entity's watermark
+    /// follows the slower of the two, so neither makes the other's records late, unless one
+    /// falls `idle_timeout` behind the other (the entity stopped logging, or reporting metrics).
+    sample_max: i64,
+    log_max: i64,
+    /// Its partition's latest record time when this entity's latest record arrived: the entity
+    /// is idle once its partition moves on `idle_timeout` past it (event time).
+    seen_at: i64,
     /// Start (ms) of the next window to emit: all windows before it have been emitted, and a
     /// record whose pane is before it is late.
     next_start: i64,
@@ -297,7 +313,7 @@ impl WindowProcessor {
         Ok(Self {
             shape: Shape {
                 window_ms: ms(config.window),
-                slide_ms: ms(config.slide),
+                slide_ms: ms(config.slide()),
                 out_of_order_ms: ms(config.max_out_of_orderness),
                 lateness_ms: ms(config.allowed_lateness),
                 idle_ms: ms(config.idle_timeout),
@@ -383,6 +399,19 @@ struct Shape {
 }
 
 impl Shape {
+    /// An entity's own watermark: the slower of its metrics and its logs (unless one is
+    /// `idle_timeout` behind the other), minus the bounded out-of-orderness.
+    fn watermark(&self, state: &EntityState) -> i64 {
+        let lead = state.max_time;
+        let mut slowest = lead;
+        for kind in [state.sample_max, state.log_max] {
+            if kind != i64::MIN && lead.saturating_sub(kind) < self.idle_ms {
+                slowest = slowest.min(kind);
+            }
+        }
+        slowest.saturating_sub(self.out_of_order_ms)
+    }
+
     /// Emits, in order, every window of `state` that the watermark `watermark` closes, and drops
     /// the panes no open window needs any more.
     fn advance(
@@ -510,6 +539,9 @@ impl WindowProcessor {
             .entry(entity.clone())
             .or_insert_with(|| EntityState {
                 max_time: i64::MIN,
+                sample_max: i64::MIN,
+                log_max: i64::MIN,
+                seen_at: i64::MIN,
                 next_start: i64::MIN,
                 panes: BTreeMap::new(),
                 history: BTreeMap::new(),
@@ -534,6 +566,7 @@ impl WindowProcessor {
             )));
             return;
         }
+        let is_log = matches!(record, Record::Log(_));
         let entity = match record {
             Record::Sample(sample) => {
                 let pane = state.panes.entry(pane_start).or_default();
@@ -581,15 +614,23 @@ impl WindowProcessor {
             }
         };
         state.max_time = state.max_time.max(t);
-        let watermark = state.max_time.saturating_sub(self.shape.out_of_order_ms);
+        if is_log {
+            state.log_max = state.log_max.max(t);
+        } else {
+            state.sample_max = state.sample_max.max(t);
+        }
+        state.seen_at = clock(&mut self.partitions, partition, t).max_time;
+        let watermark = self.shape.watermark(state);
         self.shape.advance(&entity, state, watermark, out);
-        self.tick_partition(partition, t, out);
+        self.sweep_partition(partition, out);
     }
 
-    /// Advances the partition's clock; when its watermark crosses a slide boundary, closes the
-    /// windows of its idle entities and evicts the long-silent ones.
-    fn tick_partition(&mut self, source: i32, t: i64, out: &mut Vec<Output<FeaturesOutput>>) {
-        let clock = clock(&mut self.partitions, source, t);
+    /// When the partition's watermark crosses a slide boundary, closes the windows of its idle
+    /// entities and evicts the long-silent ones.
+    fn sweep_partition(&mut self, source: i32, out: &mut Vec<Output<FeaturesOutput>>) {
+        let Some((_, clock)) = self.partitions.iter_mut().find(|(p, _)| *p == source) else {
+            return;
+        };
         let watermark = clock.max_time.saturating_sub(self.shape.out_of_order_ms);
         let boundary = watermark.div_euclid(self.shape.slide_ms) * self.shape.slide_ms;
         if boundary <= clock.swept_until {
@@ -601,7 +642,7 @@ impl WindowProcessor {
             .entities
             .iter()
             .filter(|(_, s)| {
-                s.partition == source && s.max_time.saturating_add(self.shape.idle_ms) <= latest
+                s.partition == source && s.seen_at.saturating_add(self.shape.idle_ms) <= latest
             })
             .map(|(e, _)| e.clone())
             .collect();
@@ -611,8 +652,7 @@ impl WindowProcessor {
         idle.sort();
         for entity in idle {
             let state = self.entities.get_mut(&entity).expect("listed above");
-            if state.panes.is_empty() && state.max_time.saturating_add(self.shape.ttl_ms) <= latest
-            {
+            if state.panes.is_empty() && state.seen_at.saturating_add(self.shape.ttl_ms) <= latest {
                 self.entities.remove(&entity);
                 self.evicted.push((source, entity));
                 continue;
@@ -704,7 +744,7 @@ impl Processor for WindowProcessor {
                 }
                 None => return Err(fail("empty".into())),
             };
-            clock(&mut self.partitions, partition, state.max_time);
+            clock(&mut self.partitions, partition, state.seen_at);
             self.entities.insert(
                 entity,
                 EntityState {
@@ -1030,7 +1070,7 @@ mod tests {
     fn hopping_windows_merge_their_panes() {
         let cfg = FeaturesConfig {
             window: Duration::from_secs(60),
-            slide: Duration::from_secs(20),
+            slide: Some(Duration::from_secs(20)),
             ..FeaturesConfig::default()
         };
         let mut p = WindowProcessor::new(cfg).unwrap();
@@ -1053,7 +1093,7 @@ mod tests {
     fn a_record_late_for_every_window_is_rejected() {
         let cfg = FeaturesConfig {
             window: Duration::from_secs(60),
-            slide: Duration::from_secs(30),
+            slide: Some(Duration::from_secs(30)),
             max_out_of_orderness: Duration::ZERO,
             allowed_lateness: Duration::ZERO,
             ..FeaturesConfig::default()
@@ -1101,6 +1141,67 @@ mod tests {
         assert!(changes.contains(&StateChange::Delete {
             key: "quiet".into()
         }));
+    }
+
+    #[test]
+    fn entity_by_entity_streams_are_not_idle() {
+        // All of a's hour, then all of b's: b starts far behind its partition, but is not idle.
+        let mut samples: Vec<_> = (0..60).map(|i| sample("a", "cpu", i * 60, 1.0)).collect();
+        samples.extend((0..60).map(|i| sample("b", "cpu", i * 60, 2.0)));
+        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+        let out = feed(&mut p, &samples, 0);
+        assert!(
+            out.iter().all(|o| matches!(o, Output::Event(_))),
+            "nothing late"
+        );
+        let b = windows(&out)
+            .iter()
+            .filter(|w| w.entity.as_str() == "b")
+            .count();
+        assert_eq!(
+            b, 58,
+            "all of b's windows but the last two (30 s of lateness)"
+        );
+    }
+
+    #[test]
+    fn logs_behind_metrics_are_waited_for() {
+        use foresight_events::{LogEvent, Severity};
+        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
+        let mut out = Vec::new();
+        let log = |secs| LogEvent {
+            entity: EntityId::new("a").unwrap(),
+            time: DateTime::from_timestamp(secs, 0).unwrap(),
+            severity: Severity::Error,
+            body: "disk error".into(),
+            attributes: Default::default(),
+        };
+        p.process(
+            Telemetry::Sample(sample("a", "cpu", 0, 1.0)),
+            origin(0),
+            &mut out,
+        );
+        p.process(Telemetry::Log(log(5)), origin(1), &mut out);
+        // The metrics topic is then read three minutes ahead of the logs topic.
+        for i in 1..4 {
+            p.process(
+                Telemetry::Sample(sample("a", "cpu", i * 60, 1.0)),
+                origin(i + 1),
+                &mut out,
+            );
+        }
+        assert!(
+            windows(&out).is_empty(),
+            "the first window waits for the logs"
+        );
+        p.process(Telemetry::Log(log(100)), origin(10), &mut out);
+        let w = windows(&out);
+        assert_eq!(w.len(), 1, "the logs caught up to 1:40: window 0 closes");
+        assert_eq!(w[0].logs.as_ref().unwrap().count, 1);
+        assert!(
+            out.iter().all(|o| matches!(o, Output::Event(_))),
+            "nothing late"
+        );
     }
 
     #[test]
@@ -1161,7 +1262,7 @@ mod tests {
     #[test]
     fn bad_configurations_are_refused() {
         let slide = FeaturesConfig {
-            slide: Duration::from_secs(25),
+            slide: Some(Duration::from_secs(25)),
             ..FeaturesConfig::default()
         };
         assert!(matches!(
@@ -1219,46 +1320,67 @@ mod tests {
             seed in 0u64..1000,
         ) {
             let cfg = FeaturesConfig {
-                slide: if hopping { Duration::from_secs(20) } else { Duration::from_secs(60) },
+                slide: hopping.then_some(Duration::from_secs(20)),
                 ..FeaturesConfig::default()
             };
-            // 5 entities x 2 metrics, 10 s apart, with some disorder and re-sent samples.
-            let mut samples = Vec::new();
+            // 5 entities x 2 metrics and some logs, with disorder.
+            let mut input = Vec::new();
             for i in 0..200i64 {
                 let jitter = ((i as u64 * 7919 + seed) % 15) as i64;
                 let e = format!("e{}", i % 5);
-                samples.push(sample(&e, "cpu", i * 2 - jitter, (i % 13) as f64));
-                samples.push(MetricSample {
+                input.push(Telemetry::Sample(sample(&e, "cpu", i * 2 - jitter, (i % 13) as f64)));
+                input.push(Telemetry::Sample(MetricSample {
                     kind: MetricKind::Counter,
                     ..sample(&e, "requests", i * 2, (i * 3 % 500) as f64)
-                });
+                }));
+                if i % 3 == 0 {
+                    input.push(Telemetry::Log(foresight_events::LogEvent {
+                        entity: EntityId::new(&e).unwrap(),
+                        time: DateTime::from_timestamp(i * 2 - jitter / 2, 0).unwrap(),
+                        severity: foresight_events::Severity::Warn,
+                        body: format!("retry {} of job-{}", i % 4, i % 7),
+                        attributes: Default::default(),
+                    }));
+                }
             }
-            let cut = cut.min(samples.len());
-            let lost = lost.min(samples.len() - cut);
+            let feed = |p: &mut WindowProcessor, items: &[Telemetry], from: usize| {
+                let mut out = Vec::new();
+                for (i, t) in items.iter().enumerate() {
+                    p.process(t.clone(), origin((from + i) as i64), &mut out);
+                }
+                out
+            };
+            let cut = cut.min(input.len());
+            let lost = lost.min(input.len() - cut);
 
             let mut whole = WindowProcessor::new(cfg.clone()).unwrap();
-            let mut expected = feed(&mut whole, &samples, 0);
+            let mut expected = feed(&mut whole, &input, 0);
             whole.flush(&mut expected);
 
+            // Two checkpoints (the second holds only what changed), applied as the store does.
             let source = 0;
             let mut first = WindowProcessor::new(cfg.clone()).unwrap();
-            let mut got = feed(&mut first, &samples[..cut], 0);
-            let state: Vec<(String, Vec<u8>)> = first
-                .checkpoint(source)
-                .into_iter()
-                .filter_map(|c| match c {
-                    StateChange::Put { key, value } => Some((key, value)),
-                    StateChange::Delete { .. } => None,
-                })
-                .collect();
+            let mut store: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            let mut apply = |changes: Vec<StateChange>| {
+                for c in changes {
+                    match c {
+                        StateChange::Put { key, value } => drop(store.insert(key, value)),
+                        StateChange::Delete { key } => drop(store.remove(&key)),
+                    }
+                }
+            };
+            let mut got = feed(&mut first, &input[..cut / 2], 0);
+            apply(first.checkpoint(source));
+            got.extend(feed(&mut first, &input[cut / 2..cut], cut / 2));
+            apply(first.checkpoint(source));
             // Work after the checkpoint that is lost with the process (its outputs may or may
             // not have been delivered: here they were).
-            got.extend(feed(&mut first, &samples[cut..cut + lost], cut as i64));
+            got.extend(feed(&mut first, &input[cut..cut + lost], cut));
             drop(first);
 
             let mut second = WindowProcessor::new(cfg).unwrap();
-            second.restore(source, state).unwrap();
-            got.extend(feed(&mut second, &samples[cut..], cut as i64));
+            second.restore(source, store.into_iter().collect()).unwrap();
+            got.extend(feed(&mut second, &input[cut..], cut));
             second.flush(&mut got);
 
             proptest::prop_assert_eq!(windows_by_id(&got), windows_by_id(&expected));

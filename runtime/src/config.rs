@@ -80,6 +80,10 @@ pub struct RunnerConfig {
     /// How often consumed offsets are stored (and so committed).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How often stateful stages (features) checkpoint their state with their input offsets
+    /// to Postgres. A restart re-reads at most this much input (plus what was in flight).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
     /// How long a stopping stage waits for in-flight outputs before giving up on them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -95,6 +99,7 @@ impl Default for RunnerConfig {
         Self {
             max_in_flight: 10_000,
             commit_interval: Duration::from_millis(500),
+            checkpoint_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             recorder_batch: 1000,
             recorder_linger: Duration::from_millis(50),
@@ -183,7 +188,8 @@ impl Config {
     pub fn embedded() -> Self {
         let mut config = Self::default();
         config.features.window = Duration::from_secs(5 * 60);
-        config.features.allowed_lateness = Duration::from_secs(60);
+        config.features.max_out_of_orderness = Duration::from_secs(45);
+        config.features.allowed_lateness = Duration::from_secs(15);
         config.scoring.horizon = Duration::from_secs(2 * 3600);
         config.scoring.thresholds = ["cpu_pct", "mem_used_pct", "disk_used_pct"]
             .into_iter()

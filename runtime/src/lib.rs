@@ -3,6 +3,7 @@
 //!
 //! The data flow, top-down, is in [`pipeline`].
 
+mod checkpoint;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -22,7 +23,7 @@ pub use pipeline::Stage;
 
 /// Runs the given stages live in this process until `shutdown` is cancelled or one of them fails
 /// (then the others are stopped too). Topics are created if missing; Postgres is connected (and
-/// migrated) only if the recorder is among the stages.
+/// migrated) only if the recorder or the feature stage (for its checkpoints) is among the stages.
 pub async fn run_stages(
     stages: &[Stage],
     config: &Config,
@@ -47,7 +48,8 @@ pub async fn run_stages_observed(
                 config.kafka.brokers
             )
         })?;
-    let pool = if stages.contains(&Stage::Recorder) {
+    // The recorder writes the audit log; the feature stage checkpoints its windows.
+    let pool = if stages.contains(&Stage::Recorder) || stages.contains(&Stage::Features) {
         Some(
             db::connect(&config.postgres)
                 .await

@@ -2,8 +2,9 @@
 //!
 //! An input offset is done when every output derived from it (events, dead letters) is acknowledged
 //! by the broker. The storable offset of a partition is the lowest offset not yet done (or one past
-//! the highest seen), further held back by whatever the processor's open state still depends on. So
-//! an offset is never stored ahead of an unacknowledged output, whatever order acks arrive in.
+//! the highest seen). So an offset is never stored ahead of an unacknowledged output, whatever order
+//! acks arrive in. Stateful stages store offsets with their checkpoints instead, once
+//! [`OffsetTracker::done_until`] says every output before them is acknowledged.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -63,19 +64,32 @@ impl OffsetTracker {
         }
     }
 
+    /// One past the highest offset read of each input partition numbered `number`.
+    pub(crate) fn positions(&self, number: i32) -> Vec<(InputPartition, i64)> {
+        let mut out: Vec<_> = self
+            .partitions
+            .iter()
+            .filter(|(ip, _)| ip.partition == number)
+            .filter_map(|(ip, p)| p.next.map(|n| (*ip, n)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Whether every output of every input before `next` is acknowledged.
+    pub(crate) fn done_until(&self, partition: InputPartition, next: i64) -> bool {
+        self.partitions.get(&partition).is_some_and(|p| {
+            p.pending.keys().next().is_none_or(|&first| first >= next)
+                && p.next.is_some_and(|n| n >= next)
+        })
+    }
+
     /// The offsets (next offset to read) that may be stored now and have advanced since last time.
-    /// `retained` gives, per partition, the earliest offset the processor's open state depends on.
-    pub(crate) fn storable(
-        &mut self,
-        retained: impl Fn(InputPartition) -> Option<i64>,
-    ) -> Vec<(InputPartition, i64)> {
+    pub(crate) fn storable(&mut self) -> Vec<(InputPartition, i64)> {
         let mut out = Vec::new();
         for (&partition, p) in &mut self.partitions {
             let Some(next) = p.next else { continue };
-            let mut offset = p.pending.keys().next().copied().unwrap_or(next);
-            if let Some(r) = retained(partition) {
-                offset = offset.min(r);
-            }
+            let offset = p.pending.keys().next().copied().unwrap_or(next);
             if p.stored.is_none_or(|s| offset > s) {
                 p.stored = Some(offset);
                 out.push((partition, offset));
@@ -106,22 +120,34 @@ mod tests {
         t.read(P(0), 10, 1);
         t.read(P(0), 11, 2);
         t.read(P(0), 12, 0);
-        assert_eq!(t.storable(|_| None), vec![(P(0), 10)]);
+        assert_eq!(t.storable(), vec![(P(0), 10)]);
         t.ack(P(0), 11);
         t.ack(P(0), 11);
-        assert_eq!(t.storable(|_| None), vec![], "10 still in flight");
+        assert_eq!(t.storable(), vec![], "10 still in flight");
         t.ack(P(0), 10);
-        assert_eq!(t.storable(|_| None), vec![(P(0), 13)]);
+        assert_eq!(t.storable(), vec![(P(0), 13)]);
         assert_eq!(t.in_flight(), 0);
     }
 
     #[test]
-    fn respects_what_the_processor_retains() {
+    fn checkpoints_wait_for_every_output_before_them() {
         let mut t = OffsetTracker::default();
-        t.read(P(1), 5, 0);
+        let q = InputPartition {
+            input: 1,
+            partition: 1,
+        };
+        t.read(P(1), 5, 1);
         t.read(P(1), 6, 0);
-        assert_eq!(t.storable(|_| Some(5)), vec![(P(1), 5)]);
-        assert_eq!(t.storable(|_| None), vec![(P(1), 7)]);
+        t.read(q, 40, 0);
+        t.read(P(2), 9, 0);
+        assert_eq!(t.positions(1), vec![(P(1), 7), (q, 41)]);
+        assert!(!t.done_until(P(1), 7), "5 in flight");
+        assert!(t.done_until(P(1), 5), "nothing before 5 is in flight");
+        assert!(!t.done_until(P(1), 8), "not read that far");
+        t.ack(P(1), 5);
+        assert!(t.done_until(P(1), 7));
+        assert!(t.done_until(q, 41));
+        assert!(!t.done_until(P(4), 0), "never read");
     }
 
     #[test]
@@ -130,7 +156,7 @@ mod tests {
         t.read(P(3), 0, 1);
         t.revoke(P(3));
         t.ack(P(3), 0);
-        assert!(t.storable(|_| None).is_empty());
+        assert!(t.storable().is_empty());
         assert_eq!(t.in_flight(), 0);
     }
 
@@ -162,7 +188,7 @@ mod tests {
                 let left = remaining.get_mut(&a).unwrap();
                 *left -= 1;
                 if *left == 0 { remaining.remove(&a); }
-                for (_, stored) in t.storable(|_| None) {
+                for (_, stored) in t.storable() {
                     prop_assert!(stored > last);
                     last = stored;
                     if let Some((&lowest, _)) = remaining.iter().next() {
@@ -170,7 +196,7 @@ mod tests {
                     }
                 }
             }
-            let _ = t.storable(|_| None);
+            let _ = t.storable();
             prop_assert_eq!(t.partitions[&P(0)].stored, Some(outputs.len() as i64));
         }
     }

@@ -231,23 +231,23 @@ pub async fn run_stage(
                 .collect();
             let outputs = [t.features.as_str(), t.dependencies.as_str()];
             let s = live("features", inputs, &outputs, &t, p.features, false);
-            runner::run(s, k, r, progress, shutdown).await?
+            runner::run(s, k, r, progress, shutdown, pool).await?
         }
         Stage::Scoring => {
             let inputs = events::<FeatureWindow>(&t.features);
             // Scoring fits a model per metric per window: CPU-heavy.
             let s = live("scoring", inputs, &[&t.scores], &t, p.scorer, true);
-            runner::run(s, k, r, progress, shutdown).await?
+            runner::run(s, k, r, progress, shutdown, None).await?
         }
         Stage::Allocator => {
             let inputs = events::<RiskScore>(&t.scores);
             let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator, false);
-            runner::run(s, k, r, progress, shutdown).await?
+            runner::run(s, k, r, progress, shutdown, None).await?
         }
         Stage::Actuator => {
             let inputs = events::<Decision>(&t.decisions);
             let s = live("actuator", inputs, &[&t.outcomes], &t, p.actuator, false);
-            runner::run(s, k, r, progress, shutdown).await?
+            runner::run(s, k, r, progress, shutdown, None).await?
         }
         Stage::Recorder => {
             let pool = pool.ok_or_else(|| anyhow::anyhow!("the recorder needs Postgres"))?;

@@ -1,9 +1,17 @@
 //! The live stage runner: one pure processor between a Kafka input topic and a Kafka output topic.
 //!
 //! Delivery is at-least-once with ordered acknowledgement. Offsets are stored (and then
-//! auto-committed) only up to the first input whose outputs are not all acknowledged by the broker,
-//! and never past what the processor's open state still depends on. Output ids are derived from the
-//! inputs, so a redelivered input produces the same ids and downstream consumers deduplicate.
+//! auto-committed) only up to the first input whose outputs are not all acknowledged by the broker.
+//! Output ids are derived from the inputs, so a redelivered input produces the same ids and
+//! downstream consumers deduplicate.
+//!
+//! A stateful processor (the feature stage's windows) is checkpointed instead: every
+//! `runner.checkpoint_interval` its changed state and the input offsets it reflects are written to
+//! Postgres in one transaction, once every output before those offsets is acknowledged; only then
+//! are the offsets stored in Kafka too. When a partition is first read (start, rebalance), its
+//! last checkpoint is restored and input before the checkpoint's offsets is skipped: a killed
+//! instance's successor loses no window and folds no input twice. Outputs emitted after the last
+//! checkpoint are emitted again, identical and with the same ids.
 
 use std::{
     future::Future,
@@ -28,6 +36,7 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    checkpoint::CheckpointStore,
     config::{KafkaConfig, RunnerConfig},
     kafka::{self, RebalanceContext},
     offsets::OffsetTracker,
@@ -97,6 +106,34 @@ pub enum StageError {
         offset: i64,
         /// The producer error.
         source: KafkaError,
+    },
+    /// A stateful stage runs only with a checkpoint store.
+    #[error("stage {stage} keeps state and needs Postgres for its checkpoints")]
+    NoCheckpointStore {
+        /// The stage.
+        stage: &'static str,
+    },
+    /// A checkpoint could not be read or written. Nothing past the last written checkpoint
+    /// was acknowledged, so a restart resumes from it.
+    #[error("stage {stage}: checkpoint of partition {partition}: {source}")]
+    Checkpoint {
+        /// The stage.
+        stage: &'static str,
+        /// The partition.
+        partition: i32,
+        /// The database error.
+        source: sqlx::Error,
+    },
+    /// A checkpoint was read but the processor cannot restore it (e.g. written by an
+    /// incompatible version). Delete the stage's rows in `stage_state` to start it afresh.
+    #[error("stage {stage}: partition {partition}: {source}")]
+    Restore {
+        /// The stage.
+        stage: &'static str,
+        /// The partition.
+        partition: i32,
+        /// Why.
+        source: foresight_events::StateError,
     },
 }
 
@@ -185,10 +222,8 @@ async fn enqueue(
 fn store<I>(
     consumer: &StreamConsumer<RebalanceContext>,
     inputs: &[Input<I>],
-    tracker: &mut OffsetTracker,
-    retained: impl Fn(InputPartition) -> Option<i64>,
+    storable: Vec<(InputPartition, i64)>,
 ) {
-    let storable = tracker.storable(retained);
     if storable.is_empty() {
         return;
     }
@@ -205,25 +240,197 @@ fn store<I>(
     }
 }
 
+/// A checkpoint taken, waiting for the outputs before its offsets to be acknowledged.
+struct Pending {
+    partition: i32,
+    offsets: Vec<(InputPartition, i64)>,
+    changes: Vec<foresight_events::StateChange>,
+}
+
+/// The checkpointing of a stateful stage.
+struct Checkpoints {
+    store: CheckpointStore,
+    /// Partitions restored (so owned) by this instance.
+    restored: std::collections::BTreeSet<i32>,
+    /// Per input partition, the checkpoint's offset: input before it is already in the state.
+    skip_before: std::collections::HashMap<InputPartition, i64>,
+    pending: Vec<Pending>,
+    /// Offsets of each partition's last written checkpoint, to skip checkpoints with no news.
+    written: std::collections::HashMap<i32, Vec<(InputPartition, i64)>>,
+    last_taken: tokio::time::Instant,
+}
+
+impl Checkpoints {
+    /// Restores `partition` from its last checkpoint, if this instance has not yet.
+    async fn ensure_restored<P: Processor>(
+        &mut self,
+        stage: &mut LiveStage<P>,
+        partition: i32,
+    ) -> Result<(), StageError> {
+        if self.restored.contains(&partition) {
+            return Ok(());
+        }
+        let topics: Vec<String> = stage.inputs.iter().map(|i| i.topic.clone()).collect();
+        let restored = self
+            .store
+            .load(partition, &topics)
+            .await
+            .map_err(|source| StageError::Checkpoint {
+                stage: stage.name,
+                partition,
+                source,
+            })?;
+        let entries = restored.entries.len();
+        stage
+            .processor
+            .restore(partition, restored.entries)
+            .map_err(|source| StageError::Restore {
+                stage: stage.name,
+                partition,
+                source,
+            })?;
+        let mut offsets = Vec::new();
+        for (i, topic) in topics.iter().enumerate() {
+            if let Some(&next) = restored.offsets.get(topic) {
+                let source = InputPartition {
+                    input: i as u16,
+                    partition,
+                };
+                self.skip_before.insert(source, next);
+                offsets.push((source, next));
+            }
+        }
+        tracing::info!(stage = stage.name, partition, entries, offsets = ?restored.offsets, "Restored the partition's checkpoint.");
+        self.written.insert(partition, offsets);
+        self.restored.insert(partition);
+        Ok(())
+    }
+
+    /// Whether the input is already in the restored state.
+    fn already_folded(&self, source: InputPartition, offset: i64) -> bool {
+        self.skip_before
+            .get(&source)
+            .is_some_and(|&next| offset < next)
+    }
+
+    fn forget(&mut self, partition: i32) {
+        self.restored.remove(&partition);
+        self.skip_before.retain(|s, _| s.partition != partition);
+        self.pending.retain(|p| p.partition != partition);
+        self.written.remove(&partition);
+    }
+
+    /// Takes a checkpoint of every owned partition (unless one is still pending).
+    fn take<P: Processor>(&mut self, processor: &mut P, tracker: &OffsetTracker) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        for &partition in &self.restored {
+            let changes = processor.checkpoint(partition);
+            let offsets = tracker.positions(partition);
+            if changes.is_empty() && self.written.get(&partition) == Some(&offsets) {
+                continue;
+            }
+            self.pending.push(Pending {
+                partition,
+                offsets,
+                changes,
+            });
+        }
+        self.last_taken = tokio::time::Instant::now();
+    }
+
+    /// The checkpoint of a stopping stage: what is pending, then the state as it is now.
+    async fn last<P: Processor>(
+        &mut self,
+        processor: &mut P,
+        stage: &'static str,
+        topics: &[String],
+        tracker: &OffsetTracker,
+    ) -> Result<Vec<(InputPartition, i64)>, StageError> {
+        let mut storable = self.write_ready(stage, topics, tracker).await?;
+        self.take(processor, tracker);
+        storable.extend(self.write_ready(stage, topics, tracker).await?);
+        Ok(storable)
+    }
+
+    /// Writes, in order, the pending checkpoints whose outputs are all acknowledged, and returns
+    /// the offsets that may now be stored in Kafka too.
+    async fn write_ready(
+        &mut self,
+        stage: &'static str,
+        topics: &[String],
+        tracker: &OffsetTracker,
+    ) -> Result<Vec<(InputPartition, i64)>, StageError> {
+        let mut storable = Vec::new();
+        while let Some(first) = self.pending.first() {
+            if !first
+                .offsets
+                .iter()
+                .all(|(source, next)| tracker.done_until(*source, *next))
+            {
+                break;
+            }
+            let c = self.pending.remove(0);
+            let offsets: Vec<(String, i64)> = c
+                .offsets
+                .iter()
+                .map(|(s, next)| (topics[usize::from(s.input)].clone(), *next))
+                .collect();
+            let entries = c.changes.len();
+            self.store
+                .save(c.partition, &offsets, c.changes)
+                .await
+                .map_err(|source| StageError::Checkpoint {
+                    stage,
+                    partition: c.partition,
+                    source,
+                })?;
+            tracing::debug!(
+                stage,
+                partition = c.partition,
+                entries,
+                "Checkpoint written."
+            );
+            storable.extend(c.offsets.iter().copied());
+            self.written.insert(c.partition, c.offsets);
+        }
+        Ok(storable)
+    }
+}
+
 /// Runs a stage until `shutdown` is cancelled, then drains in-flight outputs, stores and commits
-/// offsets and flushes the producer.
+/// offsets (stateful stages: writes a last checkpoint) and flushes the producer.
 pub(crate) async fn run<P>(
     mut stage: LiveStage<P>,
     kafka_config: &KafkaConfig,
     runner: &RunnerConfig,
     progress: &Progress,
     shutdown: CancellationToken,
+    pool: Option<sqlx::PgPool>,
 ) -> Result<StageReport, StageError>
 where
     P: Processor + Send,
     P::Output: Routed,
 {
     let name = stage.name;
+    let group = format!("{}{}", kafka_config.group_prefix, name);
+    let mut checkpoints = match (stage.processor.stateful(), pool) {
+        (false, _) => None,
+        (true, Some(pool)) => Some(Checkpoints {
+            store: CheckpointStore::new(pool, group.clone()),
+            restored: Default::default(),
+            skip_before: Default::default(),
+            pending: Vec::new(),
+            written: Default::default(),
+            last_taken: tokio::time::Instant::now(),
+        }),
+        (true, None) => return Err(StageError::NoCheckpointStore { stage: name }),
+    };
     let err = |source| StageError::Kafka {
         stage: name,
         source,
     };
-    let group = format!("{}{}", kafka_config.group_prefix, name);
     let consumer = kafka::consumer(kafka_config, &group).map_err(err)?;
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
@@ -249,9 +456,11 @@ where
     loop {
         for (topic, partition) in consumer.context().take_revoked() {
             if let Some(input) = input_index(&topic) {
-                let source = InputPartition { input, partition };
-                tracker.revoke(source);
-                stage.processor.forget_partition(source);
+                tracker.revoke(InputPartition { input, partition });
+                stage.processor.forget_partition(partition);
+                if let Some(c) = &mut checkpoints {
+                    c.forget(partition);
+                }
             }
         }
         tokio::select! {
@@ -275,7 +484,22 @@ where
                 }
             }
             _ = tick.tick() => {
-                store(&consumer, &stage.inputs, &mut tracker, |p| stage.processor.retained_from(p));
+                let storable = match &mut checkpoints {
+                    None => tracker.storable(),
+                    Some(c) => {
+                        if c.last_taken.elapsed() >= runner.checkpoint_interval {
+                            c.take(&mut stage.processor, &tracker);
+                        }
+                        match c.write_ready(name, &input_topics, &tracker).await {
+                            Ok(storable) => storable,
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                };
+                store(&consumer, &stage.inputs, storable);
             }
             message = consumer.recv(), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
@@ -292,6 +516,16 @@ where
                 };
                 let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
+                if let Some(c) = &mut checkpoints {
+                    if let Err(e) = c.ensure_restored(&mut stage, partition.partition).await {
+                        failure = Some(e);
+                        break;
+                    }
+                    if c.already_folded(partition, offset) {
+                        tracker.read(partition, offset, 0);
+                        continue;
+                    }
+                }
                 process(&mut stage, input, &message, &mut out);
                 tracker.read(partition, offset, out.len());
                 for output in out.drain(..) {
@@ -364,9 +598,23 @@ where
             );
         }
     }
-    store(&consumer, &stage.inputs, &mut tracker, |p| {
-        stage.processor.retained_from(p)
-    });
+    let storable = match &mut checkpoints {
+        None => tracker.storable(),
+        Some(c) if failure.is_none() => {
+            match c
+                .last(&mut stage.processor, name, &input_topics, &tracker)
+                .await
+            {
+                Ok(storable) => storable,
+                Err(e) => {
+                    failure = Some(e);
+                    Vec::new()
+                }
+            }
+        }
+        Some(_) => Vec::new(),
+    };
+    store(&consumer, &stage.inputs, storable);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
         && !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
     {

@@ -14,7 +14,7 @@ use std::{
 
 use chrono::{Duration as Delta, DurationRound as _, Utc};
 use foresight::{Stage, kafka::Topics, pipeline::Observer};
-use foresight_tests::{config_without_db, producer, tag};
+use foresight_tests::{TestDb, config, producer, tag};
 use rdkafka::{
     ClientConfig,
     consumer::{Consumer, StreamConsumer},
@@ -43,8 +43,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let (n, entities): (usize, usize) = if full { (100_000, 500) } else { (4_000, 25) };
     let prefix = format!("bench-{}", tag());
-    let mut config = config_without_db(&prefix);
+    // The feature stage checkpoints its windows in Postgres.
+    let db = TestDb::create().await?;
+    let mut config = config(&prefix, &db);
     config.features.window = Duration::from_secs(60);
+    config.features.max_out_of_orderness = Duration::ZERO;
     config.features.allowed_lateness = Duration::ZERO;
     let topics = Topics::new(&config.kafka.topic_prefix);
     foresight::kafka::create_topics(&config.kafka, &topics).await?;
@@ -144,5 +147,5 @@ async fn main() -> anyhow::Result<()> {
         "| {n} | {windows} | {bare_rate:.0} | {ours_rate:.0} | {:.2} |",
         ours_rate / bare_rate
     );
-    Ok(())
+    db.drop_db().await
 }

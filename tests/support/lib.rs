@@ -107,19 +107,37 @@ pub fn producer() -> anyhow::Result<FutureProducer> {
         .create()?)
 }
 
-/// Produces each (key, payload) to `topic`, in order, waiting for every acknowledgement.
+/// Produces each (key, payload) to `topic`, in order (the producer is idempotent, so per-partition
+/// order holds with many in flight), then waits for every acknowledgement.
 pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
     records: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
+    let mut deliveries = Vec::with_capacity(records.len());
     for (key, payload) in records {
-        producer
-            .send(
-                FutureRecord::to(topic).key(key).payload(payload),
-                Duration::from_secs(10),
-            )
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e).with_context(|| format!("producing to {topic}")),
+            }
+        };
+        deliveries.push(delivery);
+    }
+    for delivery in deliveries {
+        delivery
             .await
+            .context("producer dropped")?
             .map_err(|(e, _)| e)
             .with_context(|| format!("producing to {topic}"))?;
     }
@@ -206,16 +224,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// A configuration for one test that needs no database: its own topics and groups.
-pub fn config_without_db(prefix: &str) -> Config {
-    let mut config = Config::embedded();
-    config.kafka.brokers = brokers();
-    config.kafka.topic_prefix = format!("{prefix}.");
-    config.kafka.group_prefix = format!("{prefix}-");
-    config.runner.commit_interval = Duration::from_millis(200);
-    config
 }
 
 /// Creates topics (one partition each) if they do not exist.
