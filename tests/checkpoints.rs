@@ -148,12 +148,35 @@ async fn killed_feature_stage_resumes_and_live_windows_equal_replay() -> anyhow:
         .iter()
         .map(|(_, k, p)| (k.clone(), p.clone()))
         .collect();
-    produce(&producer, &topics.metrics, &metrics).await?;
     let total = records.len() as i64;
+    let group = format!("{}features", config.kafka.group_prefix);
+    // A third up front; the rest streams in while the stage runs, never more than eight chunks
+    // ahead of what the stage has checkpointed, so the kill below always lands mid-stream.
+    let third = metrics.len() / 3;
+    produce(&producer, &topics.metrics, &metrics[..third]).await?;
+    let streaming = tokio::spawn({
+        let (producer, topic, pool, group) = (
+            producer.clone(),
+            topics.metrics.clone(),
+            pool.clone(),
+            group.clone(),
+        );
+        let rest = metrics[third..].to_vec();
+        async move {
+            let mut sent = third as i64;
+            for chunk in rest.chunks(200) {
+                while checkpointed(&pool, &group).await? < sent - 1600 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                produce(&producer, &topic, chunk).await?;
+                sent += chunk.len() as i64;
+            }
+            anyhow::Ok(())
+        }
+    });
 
     let mut child = start(&config)?;
-    let group = format!("{}features", config.kafka.group_prefix);
-    // Kill it once a checkpoint holds about a third of the input, mid-stream.
+    // Kill it (SIGKILL) once a checkpoint holds a third of the input, while the rest arrives.
     let reached = eventually(
         "a mid-stream checkpoint",
         Duration::from_secs(180),
@@ -166,6 +189,10 @@ async fn killed_feature_stage_resumes_and_live_windows_equal_replay() -> anyhow:
     child.kill()?;
     child.wait()?;
     let reached = reached?;
+    assert!(
+        !streaming.is_finished(),
+        "killed while the input was still arriving"
+    );
     assert!(reached < total, "killed mid-stream ({reached} of {total})");
 
     // A new instance resumes from the checkpoint and reads to the end.
@@ -181,6 +208,7 @@ async fn killed_feature_stage_resumes_and_live_windows_equal_replay() -> anyhow:
     .await;
     child.kill()?;
     child.wait()?;
+    streaming.await??;
     assert_eq!(done?, total, "every input offset checkpointed once");
 
     let (live, read) = windows_by_id(&topics.features)?;
