@@ -9,10 +9,9 @@
 //! passed its end by the allowed lateness; a record whose every window has closed is late: it
 //! goes to the dead-letter topic with the reason, never silently lost. Per-entity watermarks make
 //! the result independent of how entities are spread over partitions, so live (any number of
-//! partitions) and replay (one file) give the same windows. Metrics and logs arrive on different
-//! topics, read at different paces: an entity's watermark follows the slower of the two, unless
-//! one is `idle_timeout` behind the other (it stopped logging). An entity that falls silent does
-//! not hold its last windows open forever: once its partition has moved on `idle_timeout` (event
+//! partitions) and replay (one file) give the same windows. (Metrics and logs come on different
+//! topics: records of the one read behind the other by more than the out-of-orderness are late.)
+//! An entity that falls silent does not hold its last windows open forever: once its partition has moved on `idle_timeout` (event
 //! time) since the entity's last record, the partition's watermark closes its windows.
 //!
 //! **State** per entity is bounded (open panes, at most `history` window means per metric, at most
@@ -235,12 +234,6 @@ struct MetricHistory {
 struct EntityState {
     /// Latest record time seen (ms).
     max_time: i64,
-    /// Latest sample time and latest log record time (ms; `i64::MIN` before the first). Metrics
-    /// and logs come from different topics, consumed at different paces: the entity's watermark
-    /// follows the slower of the two, so neither makes the other's records late, unless one
-    /// falls `idle_timeout` behind the other (the entity stopped logging, or reporting metrics).
-    sample_max: i64,
-    log_max: i64,
     /// Its partition's latest record time when this entity's latest record arrived: the entity
     /// is idle once its partition moves on `idle_timeout` past it (event time).
     seen_at: i64,
@@ -399,17 +392,9 @@ struct Shape {
 }
 
 impl Shape {
-    /// An entity's own watermark: the slower of its metrics and its logs (unless one is
-    /// `idle_timeout` behind the other), minus the bounded out-of-orderness.
+    /// An entity's own watermark: its latest record time minus the bounded out-of-orderness.
     fn watermark(&self, state: &EntityState) -> i64 {
-        let lead = state.max_time;
-        let mut slowest = lead;
-        for kind in [state.sample_max, state.log_max] {
-            if kind != i64::MIN && lead.saturating_sub(kind) < self.idle_ms {
-                slowest = slowest.min(kind);
-            }
-        }
-        slowest.saturating_sub(self.out_of_order_ms)
+        state.max_time.saturating_sub(self.out_of_order_ms)
     }
 
     /// Emits, in order, every window of `state` that the watermark `watermark` closes, and drops
@@ -539,8 +524,6 @@ impl WindowProcessor {
             .entry(entity.clone())
             .or_insert_with(|| EntityState {
                 max_time: i64::MIN,
-                sample_max: i64::MIN,
-                log_max: i64::MIN,
                 seen_at: i64::MIN,
                 next_start: i64::MIN,
                 panes: BTreeMap::new(),
@@ -566,7 +549,6 @@ impl WindowProcessor {
             )));
             return;
         }
-        let is_log = matches!(record, Record::Log(_));
         let entity = match record {
             Record::Sample(sample) => {
                 let pane = state.panes.entry(pane_start).or_default();
@@ -614,11 +596,6 @@ impl WindowProcessor {
             }
         };
         state.max_time = state.max_time.max(t);
-        if is_log {
-            state.log_max = state.log_max.max(t);
-        } else {
-            state.sample_max = state.sample_max.max(t);
-        }
         state.seen_at = clock(&mut self.partitions, partition, t).max_time;
         let watermark = self.shape.watermark(state);
         self.shape.advance(&entity, state, watermark, out);
@@ -1161,46 +1138,6 @@ mod tests {
         assert_eq!(
             b, 58,
             "all of b's windows but the last two (30 s of lateness)"
-        );
-    }
-
-    #[test]
-    fn logs_behind_metrics_are_waited_for() {
-        use foresight_events::{LogEvent, Severity};
-        let mut p = WindowProcessor::new(FeaturesConfig::default()).unwrap();
-        let mut out = Vec::new();
-        let log = |secs| LogEvent {
-            entity: EntityId::new("a").unwrap(),
-            time: DateTime::from_timestamp(secs, 0).unwrap(),
-            severity: Severity::Error,
-            body: "disk error".into(),
-            attributes: Default::default(),
-        };
-        p.process(
-            Telemetry::Sample(sample("a", "cpu", 0, 1.0)),
-            origin(0),
-            &mut out,
-        );
-        p.process(Telemetry::Log(log(5)), origin(1), &mut out);
-        // The metrics topic is then read three minutes ahead of the logs topic.
-        for i in 1..4 {
-            p.process(
-                Telemetry::Sample(sample("a", "cpu", i * 60, 1.0)),
-                origin(i + 1),
-                &mut out,
-            );
-        }
-        assert!(
-            windows(&out).is_empty(),
-            "the first window waits for the logs"
-        );
-        p.process(Telemetry::Log(log(100)), origin(10), &mut out);
-        let w = windows(&out);
-        assert_eq!(w.len(), 1, "the logs caught up to 1:40: window 0 closes");
-        assert_eq!(w[0].logs.as_ref().unwrap().count, 1);
-        assert!(
-            out.iter().all(|o| matches!(o, Output::Event(_))),
-            "nothing late"
         );
     }
 
