@@ -39,7 +39,8 @@
 //!     end: DateTime::<Utc>::from_timestamp(2400, 0).unwrap(),
 //!     metrics: [("disk_used_pct".to_string(), MetricStats {
 //!         count: 1, mean: 80.0, min: 80.0, max: 80.0, last: 80.0, std_dev: 0.0,
-//!         slope_per_s: 0.0, ewma: 80.0, history, gap_windows: 0,
+//!         p50: 80.0, p95: 80.0, p99: 80.0, slope_per_s: 0.0, rate_per_s: None, resets: 0,
+//!         ewma: 80.0, history, gap_windows: 0,
 //!     })].into(),
 //!     logs: None,
 //! };
