@@ -130,7 +130,7 @@ mod tests {
             metric: "cpu".into(),
             time: chrono::Utc.timestamp_millis_opt(1_700_000_000_123).unwrap(),
             value: 0.5,
-            labels: BTreeMap::from([("zone".into(), "a".into())]),
+            labels: BTreeMap::from([("zone".into(), "a".into())]).into(),
             kind: MetricKind::Counter,
         }
     }

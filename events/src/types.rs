@@ -1,6 +1,6 @@
 //! The canonical payload types.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -25,13 +25,18 @@ pub struct MetricSample {
     /// The observed value; always finite.
     pub value: f64,
     /// Further labels of the series, kept for grouping and explanation.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    // Shared (immutable): the samples of one source, such as an OTLP resource, hold one set.
+    #[serde(default, skip_serializing_if = "no_labels")]
+    pub labels: Arc<BTreeMap<String, String>>,
     /// What the value measures: a level (gauge, the default), a running total (counter) or an
     /// increment since the previous report (delta). Counters and deltas get a rate per second in
     /// the feature windows.
     #[serde(default, skip_serializing_if = "MetricKind::is_gauge")]
     pub kind: MetricKind,
+}
+
+fn no_labels(labels: &Arc<BTreeMap<String, String>>) -> bool {
+    labels.is_empty()
 }
 
 /// What a metric sample's value measures.

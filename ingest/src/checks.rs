@@ -1,6 +1,6 @@
 //! Validation shared by every format: required fields, finite values, time range.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use foresight_events::{EntityId, ErrorClass, MetricKind, MetricSample, Rejection};
@@ -102,7 +102,7 @@ impl At<'_> {
         metric: String,
         time: DateTime<Utc>,
         value: f64,
-        labels: BTreeMap<String, String>,
+        labels: Arc<BTreeMap<String, String>>,
         kind: MetricKind,
     ) -> Result<MetricSample, Rejection> {
         if metric.is_empty() {

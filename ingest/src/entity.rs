@@ -1,10 +1,13 @@
 //! Which entity a record is about, from its attributes (labels) and its resource's.
 
-use std::{borrow::Cow, cell::RefCell, collections::BTreeMap};
+use std::{cell::RefCell, collections::BTreeMap, sync::Arc};
 
 use foresight_events::{EntityId, ErrorClass, Rejection};
 
 use crate::checks::entity;
+
+/// A shared label set, as samples hold it.
+pub(crate) type Labels = Arc<BTreeMap<String, String>>;
 
 /// An attribute: a name and its value as text, owned or borrowed from the decoded message.
 pub(crate) trait Pair {
@@ -34,19 +37,24 @@ impl Pair for (&str, std::borrow::Cow<'_, str>) {
 /// Of the resource's attributes only those `promoted` become labels (resources carry many, such
 /// as SDK and process details, that would bloat every sample; the OpenTelemetry Collector's
 /// Prometheus exporter leaves them out by default for the same reason). The resource's part is
-/// worked out once for all of its records.
+/// worked out once for all of its records, and the labels of metric samples are shared: the
+/// samples of one resource hold the same label set.
 pub(crate) struct Resolver<'a> {
     keys: &'a [String],
     /// The resource's own best entity key (its index in `keys`), and the entity it names.
     resource_entity: Option<(usize, Result<EntityId, Rejection>)>,
     /// Promoted resource labels, without the resource's entity key.
-    labels: BTreeMap<String, String>,
+    labels: Labels,
     /// The resource's entity key and its value, when promoted: a label again for records that
     /// name their entity themselves.
     entity_label: Option<(String, String)>,
     /// The entity a record attribute named last: the records of one resource mostly name the
     /// same one, which is then validated once.
     last: RefCell<Option<EntityId>>,
+    /// The labels of the records that named their entity themselves with an attribute, and its
+    /// name, when they differ from `labels`: the records of one resource mostly use the same
+    /// attribute, and then share one label set.
+    variant: RefCell<Option<(String, Labels)>>,
 }
 
 impl<'a> Resolver<'a> {
@@ -56,27 +64,63 @@ impl<'a> Resolver<'a> {
     }
 
     pub(crate) fn new<P: Pair>(keys: &'a [String], resource: &[P], promoted: &[String]) -> Self {
+        Self::reusing(keys, resource, promoted, None)
+    }
+
+    /// [`Resolver::new`], sharing the label set of `previous` (another resource's) when this
+    /// resource's is the same: the resources of one request often differ only in the attribute
+    /// naming their entity.
+    pub(crate) fn reusing<P: Pair>(
+        keys: &'a [String],
+        resource: &[P],
+        promoted: &[String],
+        previous: Option<&Labels>,
+    ) -> Self {
         let resource_entity = keys.iter().enumerate().find_map(|(i, k)| {
             resource
                 .iter()
                 .find(|p| p.name() == k && !p.value().is_empty())
                 .map(|p| (i, entity(p.value())))
         });
-        let mut labels: BTreeMap<String, String> = resource
-            .iter()
-            .filter(|p| promoted.iter().any(|k| k == p.name()))
-            .map(|p| (p.name().to_owned(), p.value().to_owned()))
-            .collect();
-        let entity_label = resource_entity
-            .as_ref()
-            .and_then(|(i, _)| labels.remove_entry(&keys[*i]));
+        let entity_key = resource_entity.as_ref().map(|(i, _)| keys[*i].as_str());
+        let is_promoted = |p: &&P| promoted.iter().any(|k| k == p.name());
+        let (labels, entity_label) = match previous
+            .filter(|previous| same_labels(previous, resource, is_promoted, entity_key))
+        {
+            Some(previous) => {
+                // As below: the value of the entity key is its last one.
+                let entity_label = entity_key.and_then(|key| {
+                    resource
+                        .iter()
+                        .filter(is_promoted)
+                        .rfind(|p| p.name() == key)
+                        .map(|p| (key.to_owned(), p.value().to_owned()))
+                });
+                (Arc::clone(previous), entity_label)
+            }
+            None => {
+                let mut labels: BTreeMap<String, String> = resource
+                    .iter()
+                    .filter(is_promoted)
+                    .map(|p| (p.name().to_owned(), p.value().to_owned()))
+                    .collect();
+                let entity_label = entity_key.and_then(|key| labels.remove_entry(key));
+                (Arc::new(labels), entity_label)
+            }
+        };
         Self {
             keys,
             resource_entity,
             labels,
             entity_label,
             last: RefCell::new(None),
+            variant: RefCell::new(None),
         }
+    }
+
+    /// The promoted resource labels of the records that do not name their entity themselves.
+    pub(crate) fn labels(&self) -> &Labels {
+        &self.labels
     }
 
     /// The entity of a record, and the index of the record attribute that named it (if the
@@ -116,22 +160,40 @@ impl<'a> Resolver<'a> {
         Ok(named)
     }
 
-    /// The promoted resource labels of a record, `record_key` being the attribute with which
-    /// it named its entity itself (if it did).
-    fn resource_labels(&self, record_key: Option<&str>) -> Cow<'_, BTreeMap<String, String>> {
-        let Some(key) = record_key else {
-            return Cow::Borrowed(&self.labels);
-        };
+    /// The promoted resource labels of a record that named its entity itself with attribute
+    /// `key`, when they differ from the resource's (`None` when they do not).
+    fn labels_named_by(&self, key: &str) -> Option<BTreeMap<String, String>> {
         let put_back = self.entity_label.as_ref().filter(|(k, _)| k != key);
         if put_back.is_none() && !self.labels.contains_key(key) {
-            return Cow::Borrowed(&self.labels);
+            return None;
         }
-        let mut labels = self.labels.clone();
+        let mut labels = BTreeMap::clone(&self.labels);
         labels.remove(key);
         if let Some((k, v)) = put_back {
             labels.insert(k.clone(), v.clone());
         }
-        Cow::Owned(labels)
+        Some(labels)
+    }
+
+    /// The promoted resource labels of a record, `record_key` being the attribute with which
+    /// it named its entity itself (if it did): shared, built once per resource (and once per
+    /// run of records naming their entity with the same attribute).
+    fn resource_labels(&self, record_key: Option<&str>) -> Labels {
+        let Some(key) = record_key else {
+            return Arc::clone(&self.labels);
+        };
+        let mut variant = self.variant.borrow_mut();
+        if let Some((_, labels)) = variant.as_ref().filter(|(k, _)| k == key) {
+            return Arc::clone(labels);
+        }
+        match self.labels_named_by(key) {
+            None => Arc::clone(&self.labels),
+            Some(labels) => {
+                let labels = Arc::new(labels);
+                *variant = Some((key.to_owned(), Arc::clone(&labels)));
+                labels
+            }
+        }
     }
 
     /// The entity, and the record's other attributes plus the promoted resource ones as labels.
@@ -141,7 +203,9 @@ impl<'a> Resolver<'a> {
     ) -> Result<(EntityId, BTreeMap<String, String>), Rejection> {
         let (id, own) = self.choose(record)?;
         let key = own.map(|i| record[i].name());
-        let mut labels = self.resource_labels(key).into_owned();
+        let mut labels = key
+            .and_then(|k| self.labels_named_by(k))
+            .unwrap_or_else(|| BTreeMap::clone(&self.labels));
         for p in record {
             if Some(p.name()) != key {
                 labels.insert(p.name().to_owned(), p.value().to_owned());
@@ -157,21 +221,20 @@ impl<'a> Resolver<'a> {
     pub(crate) fn series<P: Pair>(
         &self,
         record: &[P],
-    ) -> Result<(EntityId, BTreeMap<String, String>, String), Rejection> {
+    ) -> Result<(EntityId, Labels, String), Rejection> {
         let mut series = String::new();
         let (id, labels) = self.point(record, &mut Vec::new(), &mut series)?;
-        Ok((id, labels.into_owned(), series))
+        Ok((id, labels, series))
     }
 
     /// [`Resolver::series`] on reused buffers: the selector is written to `series` (cleared
-    /// first), `order` is scratch space, and the labels are borrowed when they are the
-    /// resource's.
+    /// first) and `order` is scratch space.
     pub(crate) fn point<P: Pair>(
         &self,
         record: &[P],
         order: &mut Vec<usize>,
         series: &mut String,
-    ) -> Result<(EntityId, Cow<'_, BTreeMap<String, String>>), Rejection> {
+    ) -> Result<(EntityId, Labels), Rejection> {
         series.clear();
         let (id, own) = self.choose(record)?;
         let key = own.map(|i| record[i].name());
@@ -194,6 +257,34 @@ impl<'a> Resolver<'a> {
         }
         Ok((id, self.resource_labels(key)))
     }
+}
+
+/// Whether the promoted attributes of `resource` but its entity key make up `labels`, checked
+/// without building them: each is in `labels` with its value, they are as many, and no name comes
+/// twice (when one does, `false`, even where the last value would match).
+fn same_labels<P: Pair>(
+    labels: &BTreeMap<String, String>,
+    resource: &[P],
+    is_promoted: impl Fn(&&P) -> bool,
+    entity_key: Option<&str>,
+) -> bool {
+    let mut count = 0;
+    let names = || {
+        resource
+            .iter()
+            .filter(&is_promoted)
+            .filter(|p| Some(p.name()) != entity_key)
+    };
+    for p in names() {
+        count += 1;
+        if count > labels.len() || labels.get(p.name()).map(String::as_str) != Some(p.value()) {
+            return false;
+        }
+    }
+    count == labels.len()
+        && names()
+            .enumerate()
+            .all(|(i, p)| names().take(i).all(|q| q.name() != p.name()))
 }
 
 /// Appends `{k="v",...}` to `out` (nothing for no pairs).
@@ -282,7 +373,7 @@ mod tests {
         // The resource names the entity: its key is not repeated as a label.
         let (id, labels, _) = r.series(&kv(&[("cpu", "0")])).unwrap();
         assert_eq!(id.as_str(), "h1");
-        assert_eq!(labels, [("zone".into(), "a".into())].into());
+        assert_eq!(*labels, [("zone".into(), "a".into())].into());
         // A pod named by the record: the host is one of its labels.
         let (id, labels, series) = r
             .series(&kv(&[("k8s.pod.name", "p1"), ("cpu", "0")]))
@@ -290,7 +381,7 @@ mod tests {
         assert_eq!(id.as_str(), "p1");
         assert_eq!(series, r#"{cpu="0"}"#);
         assert_eq!(
-            labels,
+            *labels,
             [
                 ("host.name".into(), "h1".into()),
                 ("zone".into(), "a".into())
@@ -300,7 +391,7 @@ mod tests {
         // The record naming the host itself: the resource's host is no label of it.
         let (id, labels, _) = r.series(&kv(&[("host.name", "h2")])).unwrap();
         assert_eq!(id.as_str(), "h2");
-        assert_eq!(labels, [("zone".into(), "a".into())].into());
+        assert_eq!(*labels, [("zone".into(), "a".into())].into());
         // Entities named by records, valid or not, one after the other.
         assert_eq!(
             r.series(&kv(&[("k8s.pod.name", "p1")])).unwrap().0.as_str(),
@@ -316,6 +407,42 @@ mod tests {
             r.series(&kv(&[("k8s.pod.name", "p2")])).unwrap().0.as_str(),
             "p2"
         );
+    }
+
+    #[test]
+    fn resources_with_the_same_labels_share_them() {
+        let keys = vec!["k8s.pod.name".to_string(), "host.name".to_string()];
+        let promoted = ["host.name".to_string(), "zone".to_string()];
+        let first = Resolver::new(&keys, &kv(&[("host.name", "h1"), ("zone", "a")]), &promoted);
+        let same = Resolver::reusing(
+            &keys,
+            &kv(&[("zone", "a"), ("host.name", "h2"), ("other", "x")]),
+            &promoted,
+            Some(first.labels()),
+        );
+        assert!(Arc::ptr_eq(first.labels(), same.labels()));
+        assert_eq!(same.entity_label, Some(("host.name".into(), "h2".into())));
+        // A pod named by a record: the resource's own host is put back, not the first one's.
+        let (_, labels, _) = same.series(&kv(&[("k8s.pod.name", "p1")])).unwrap();
+        assert_eq!(
+            *labels,
+            [
+                ("host.name".into(), "h2".into()),
+                ("zone".into(), "a".into())
+            ]
+            .into()
+        );
+        for other in [
+            kv(&[("host.name", "h3"), ("zone", "b")]),
+            kv(&[("host.name", "h3")]),
+            kv(&[("host.name", "h3"), ("zone", "a"), ("zone", "b")]),
+            kv(&[("zone", "a"), ("zone", "a"), ("host.name", "h3")]),
+        ] {
+            let fresh = Resolver::new(&keys, &other, &promoted);
+            let reused = Resolver::reusing(&keys, &other, &promoted, Some(first.labels()));
+            assert_eq!(reused.labels(), fresh.labels(), "{other:?}");
+            assert_eq!(reused.entity_label, fresh.entity_label);
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Foresight's native JSON.
 
-use std::{borrow::Cow, collections::BTreeMap};
+use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use foresight_events::{ErrorClass, MetricKind, MetricSample, Rejection, Telemetry};
@@ -30,8 +30,9 @@ struct RawSample<'a> {
     time: Option<RawTime<'a>>,
     #[serde(borrow)]
     value: Option<RawValue<'a>>,
-    #[serde(default, borrow)]
-    labels: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    /// Owned as read: a sample keeps them.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     /// `gauge` (the default), `counter` or `delta`; read as text so that an unknown kind rejects
     /// its sample only, not the whole message.
     #[serde(borrow)]
@@ -231,12 +232,14 @@ fn validate(raw: RawSample<'_>, checks: &At<'_>) -> Result<MetricSample, Rejecti
     };
     let value = raw.value.ok_or_else(|| missing("value"))?.number()?;
     let kind = raw.kind.as_deref().map_or(Ok(MetricKind::Gauge), kind)?;
-    let labels = raw
-        .labels
-        .into_iter()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    checks.sample(id, metric.into_owned(), time, value, labels, kind)
+    checks.sample(
+        id,
+        metric.into_owned(),
+        time,
+        value,
+        Arc::new(raw.labels),
+        kind,
+    )
 }
 
 /// A sample's `kind`, as [`MetricKind`] writes it.
@@ -432,7 +435,7 @@ mod tests {
             proptest::prop_assert_eq!(&s[0].metric, &metric);
             proptest::prop_assert_eq!(s[0].time, time);
             proptest::prop_assert_eq!(s[0].value, value);
-            proptest::prop_assert_eq!(&s[0].labels, &labels);
+            proptest::prop_assert_eq!(&*s[0].labels, &labels);
             proptest::prop_assert_eq!(s[0].kind, kind.unwrap_or_default());
         }
     }

@@ -4,6 +4,7 @@
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
+    sync::Arc,
 };
 
 use chrono::{DateTime, Utc};
@@ -242,6 +243,8 @@ struct Metrics<'c> {
     series: String,
     /// The last point's time: the points of one scrape share theirs.
     time: Option<(u64, DateTime<Utc>)>,
+    /// The last resource's labels, shared with the next resource when it has the same.
+    labels: Option<Arc<BTreeMap<String, String>>>,
 }
 
 impl<'c> Metrics<'c> {
@@ -256,17 +259,20 @@ impl<'c> Metrics<'c> {
             order: Vec::new(),
             series: String::new(),
             time: None,
+            labels: None,
         }
     }
 
     /// Normalises the metrics of one resource.
     fn resource(&mut self, rm: &ResourceMetrics) {
         let resource = resource_pairs(rm.resource.as_ref());
-        let resolver = Resolver::new(
+        let resolver = Resolver::reusing(
             &self.config.entity_keys,
             &resource,
             &self.config.resource_labels,
+            self.labels.as_ref(),
         );
+        self.labels = Some(Arc::clone(resolver.labels()));
         // A point's attributes as (name, text), and the samples of a histogram or summary point.
         let mut pairs = Vec::new();
         let mut derived: Vec<Derived> = Vec::new();
@@ -399,12 +405,11 @@ impl<'r> Point<'_, '_, 'r> {
                 .iter()
                 .map(|kv| (kv.key.as_str(), text(kv.value.as_ref()))),
         );
-        let mut identified = self.resolver.point(self.pairs, &mut m.order, &mut m.series);
+        let identified = self.resolver.point(self.pairs, &mut m.order, &mut m.series);
         let time = m.time(time_unix_nano);
         let name = self.name;
-        let last = samples.len().saturating_sub(1);
-        for (i, (suffix, value, kind)) in samples.iter().enumerate() {
-            let result = match (&mut identified, &time) {
+        for (suffix, value, kind) in samples {
+            let result = match (&identified, &time) {
                 (Ok((id, labels)), Ok(t)) => {
                     let series = &m.series;
                     let mut metric =
@@ -415,14 +420,9 @@ impl<'r> Point<'_, '_, 'r> {
                         metric.push_str(suffix);
                     }
                     metric.push_str(series);
-                    // The last sample of a point takes its labels; the others copy them.
-                    let labels = if i == last {
-                        std::mem::take(labels)
-                    } else {
-                        labels.clone()
-                    };
+                    // The samples share their resource's labels.
                     m.checks
-                        .sample(id.clone(), metric, *t, *value, labels.into_owned(), *kind)
+                        .sample(id.clone(), metric, *t, *value, Arc::clone(labels), *kind)
                         .map(Telemetry::Sample)
                 }
                 (Err(e), _) => Err(e.clone()),

@@ -53,8 +53,10 @@ pub(crate) fn decode(bytes: &[u8], keys: &[String], checks: &At<'_>) -> Decoded 
         Message::One(s) => vec![s],
     };
     let mut out = Decoded::default();
+    // One for the message: the samples share its (empty) resource labels.
+    let resolver = Resolver::without_resource(keys);
     for s in samples {
-        match sample(s, keys, checks) {
+        match sample(s, &resolver, checks) {
             Ok(t) => out.telemetry.push(t),
             Err(r) => out.rejections.push(r),
         }
@@ -62,7 +64,7 @@ pub(crate) fn decode(bytes: &[u8], keys: &[String], checks: &At<'_>) -> Decoded 
     out
 }
 
-fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, Rejection> {
+fn sample(s: Sample<'_>, resolver: &Resolver<'_>, checks: &At<'_>) -> Result<Telemetry, Rejection> {
     let mut labels = s.labels;
     let name = labels
         .remove("__name__")
@@ -81,7 +83,7 @@ fn sample(s: Sample<'_>, keys: &[String], checks: &At<'_>) -> Result<Telemetry, 
     let value = s.value.ok_or_else(|| missing("value"))?.number()?;
     let pairs: Vec<(String, String)> = labels.into_iter().collect();
     // The labels other than the entity's tell the series apart: they go into its name.
-    let (entity, labels, series) = Resolver::without_resource(keys).series(&pairs)?;
+    let (entity, labels, series) = resolver.series(&pairs)?;
     let kind = kind(&name);
     let metric = format!("{name}{series}");
     Ok(Telemetry::Sample(

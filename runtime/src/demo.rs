@@ -204,7 +204,7 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
                 metric: s.metric.to_owned(),
                 time: t,
                 value,
-                labels: BTreeMap::new(),
+                labels: Default::default(),
                 kind: Default::default(),
             });
             let limit_hit = match s.metric {
