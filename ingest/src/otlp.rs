@@ -765,6 +765,16 @@ mod tests {
         Decoder::new(IngestConfig::default())
     }
 
+    /// The request decoded from its protobuf and from its OTLP/JSON (detected) encodings.
+    fn proto_and_json(req: &ExportMetricsServiceRequest) -> (Decoded, Decoded) {
+        let decode =
+            |bytes: &[u8], format| decoder().decode(bytes, format, Signal::Metrics, None, None);
+        (
+            decode(&req.encode_to_vec(), Format::OtlpProto),
+            decode(&serde_json::to_vec(req).unwrap(), Format::Auto),
+        )
+    }
+
     fn samples(d: &Decoded) -> Vec<MetricSample> {
         d.samples().cloned().collect()
     }
@@ -776,20 +786,7 @@ mod tests {
             "system.cpu.utilization",
             &[(1_700_000_000_000_000_000, 0.5)],
         );
-        let proto = decoder().decode(
-            &req.encode_to_vec(),
-            Format::OtlpProto,
-            Signal::Metrics,
-            None,
-            None,
-        );
-        let json = decoder().decode(
-            &serde_json::to_vec(&req).unwrap(),
-            Format::Auto,
-            Signal::Metrics,
-            None,
-            None,
-        );
+        let (proto, json) = proto_and_json(&req);
         assert_eq!(samples(&proto), samples(&json));
         let s = &samples(&proto)[0];
         assert_eq!(
@@ -1152,20 +1149,7 @@ mod tests {
                 }),
             ),
         ]);
-        let proto = decoder().decode(
-            &req.encode_to_vec(),
-            Format::OtlpProto,
-            Signal::Metrics,
-            None,
-            None,
-        );
-        let json = decoder().decode(
-            &serde_json::to_vec(&req).unwrap(),
-            Format::OtlpJson,
-            Signal::Metrics,
-            None,
-            None,
-        );
+        let (proto, json) = proto_and_json(&req);
         assert!(proto.rejections.is_empty(), "{:?}", proto.rejections);
         assert_eq!(samples(&proto), samples(&json));
         let got: BTreeMap<String, MetricKind> = samples(&proto)
