@@ -105,6 +105,24 @@ impl At<'_> {
         labels: Arc<BTreeMap<String, String>>,
         kind: MetricKind,
     ) -> Result<MetricSample, Rejection> {
+        Ok(MetricSample {
+            time: self.sample_time(&metric, time, value)?,
+            entity,
+            metric,
+            value,
+            labels,
+            kind,
+        })
+    }
+
+    /// Checks a sample's metric name, value and time (in that order), for [`At::sample`] or a
+    /// caller building the sample itself: the time, checked.
+    pub(crate) fn sample_time(
+        &self,
+        metric: &str,
+        time: DateTime<Utc>,
+        value: f64,
+    ) -> Result<DateTime<Utc>, Rejection> {
         if metric.is_empty() {
             return Err(missing("metric"));
         }
@@ -114,13 +132,6 @@ impl At<'_> {
                 format!("value of {metric} is {value}; only finite values are accepted"),
             ));
         }
-        Ok(MetricSample {
-            entity,
-            metric,
-            time: self.time(time)?,
-            value,
-            labels,
-            kind,
-        })
+        self.time(time)
     }
 }

@@ -9,7 +9,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
-    DependencyEdge, EntityId, ErrorClass, LogEvent, MetricKind, Rejection, Severity, Telemetry,
+    DependencyEdge, EntityId, ErrorClass, LogEvent, MetricKind, MetricSample, Rejection, Severity,
+    Telemetry,
 };
 use opentelemetry_proto::tonic::{
     collector::{
@@ -28,7 +29,7 @@ use prost::Message as _;
 use crate::{
     Decoded, IngestConfig, Signal,
     checks::{At, entity, nanos},
-    entity::Resolver,
+    entity::{Labels, Resolver},
 };
 
 /// Attributes that name the peer of a client span, in order of preference.
@@ -273,8 +274,10 @@ impl<'c> Metrics<'c> {
             self.labels.as_ref(),
         );
         self.labels = Some(Arc::clone(resolver.labels()));
-        // A point's attributes as (name, text), and the samples of a histogram or summary point.
+        // The last point's attributes as (name, text) and what they identify, and the samples of
+        // a histogram or summary point.
         let mut pairs = Vec::new();
+        let mut identified = None;
         let mut derived: Vec<Derived> = Vec::new();
         for sm in &rm.scope_metrics {
             for metric in &sm.metrics {
@@ -284,6 +287,7 @@ impl<'c> Metrics<'c> {
                     metrics: self,
                     resolver: &resolver,
                     pairs: &mut pairs,
+                    identified: &mut identified,
                     name,
                 };
                 match data {
@@ -390,7 +394,12 @@ impl<'c> Metrics<'c> {
 struct Point<'m, 'c, 'r> {
     metrics: &'m mut Metrics<'c>,
     resolver: &'m Resolver<'c>,
+    /// The last point's attributes.
     pairs: &'m mut Vec<(&'r str, Cow<'r, str>)>,
+    /// The entity and labels the last point's attributes identify (its series selector is in
+    /// `metrics.series`): the points of one resource mostly have the same attributes (`cpu`,
+    /// `state`, ...) from one metric to the next, and are then identified once.
+    identified: &'m mut Option<Result<(EntityId, Labels), Rejection>>,
     name: &'r str,
 }
 
@@ -399,17 +408,22 @@ impl<'r> Point<'_, '_, 'r> {
     /// for all the samples of the point.
     fn emit(&mut self, attributes: &'r [KeyValue], time_unix_nano: u64, samples: &[Derived]) {
         let m = &mut *self.metrics;
-        self.pairs.clear();
-        self.pairs.extend(
-            attributes
-                .iter()
-                .map(|kv| (kv.key.as_str(), text(kv.value.as_ref()))),
-        );
-        let identified = self.resolver.point(self.pairs, &mut m.order, &mut m.series);
+        let identified = match self.identified.take() {
+            Some(known) if same_attributes(attributes, self.pairs) => known,
+            _ => {
+                self.pairs.clear();
+                self.pairs.extend(
+                    attributes
+                        .iter()
+                        .map(|kv| (kv.key.as_str(), text(kv.value.as_ref()))),
+                );
+                self.resolver.point(self.pairs, &mut m.order, &mut m.series)
+            }
+        };
         let time = m.time(time_unix_nano);
         let name = self.name;
         for (suffix, value, kind) in samples {
-            let result = match (&identified, &time) {
+            let rejection = match (&identified, &time) {
                 (Ok((id, labels)), Ok(t)) => {
                     let series = &m.series;
                     let mut metric =
@@ -420,17 +434,44 @@ impl<'r> Point<'_, '_, 'r> {
                         metric.push_str(suffix);
                     }
                     metric.push_str(series);
-                    // The samples share their resource's labels.
-                    m.checks
-                        .sample(id.clone(), metric, *t, *value, Arc::clone(labels), *kind)
-                        .map(Telemetry::Sample)
+                    match m.checks.sample_time(&metric, *t, *value) {
+                        // Built here rather than by `At::sample`, whose result would be moved
+                        // twice more on its way into the output, once for every sample.
+                        Ok(time) => {
+                            m.out.telemetry.push(Telemetry::Sample(MetricSample {
+                                entity: id.clone(),
+                                metric,
+                                time,
+                                value: *value,
+                                // The samples share their resource's labels.
+                                labels: Arc::clone(labels),
+                                kind: *kind,
+                            }));
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
                 }
-                (Err(e), _) => Err(e.clone()),
-                (_, Err(e)) => Err(e.clone()),
+                (Err(e), _) => e.clone(),
+                (_, Err(e)) => e.clone(),
             };
-            push(&mut m.out, || format!("metric {name}.{suffix}"), result);
+            push(
+                &mut m.out,
+                || format!("metric {name}.{suffix}"),
+                Err(rejection),
+            );
         }
+        *self.identified = Some(identified);
     }
+}
+
+/// Whether `attributes` are, as text, the `pairs` of the point before.
+fn same_attributes(attributes: &[KeyValue], pairs: &[(&str, Cow<'_, str>)]) -> bool {
+    attributes.len() == pairs.len()
+        && attributes
+            .iter()
+            .zip(pairs)
+            .all(|(kv, (name, value))| kv.key == *name && text(kv.value.as_ref()) == *value)
 }
 
 /// How many samples the metrics of a resource yield, at least (one per data point); for
@@ -460,6 +501,9 @@ fn data_points(rm: &ResourceMetrics) -> usize {
 fn metrics_stream(bytes: &[u8], config: &IngestConfig, checks: &At<'_>) -> Option<Decoded> {
     const RESOURCE_METRICS_KEY: u8 = 1 << 3 | 2;
     let mut m = Metrics::new(config, checks, 0);
+    // One resource's decoded tree, cleared and merged into again for the next: what `decode`
+    // does, reusing its top-level buffers.
+    let mut rm = ResourceMetrics::default();
     let mut buf = bytes;
     while let Some((&key, rest)) = buf.split_first() {
         if key != RESOURCE_METRICS_KEY {
@@ -472,7 +516,8 @@ fn metrics_stream(bytes: &[u8], config: &IngestConfig, checks: &At<'_>) -> Optio
         }
         let (message, rest) = buf.split_at(len);
         buf = rest;
-        let rm = ResourceMetrics::decode(message).ok()?;
+        rm.clear();
+        rm.merge(message).ok()?;
         let points = data_points(&rm);
         if m.out.telemetry.capacity() == 0 {
             // Space for the whole request, if its resources are alike.
@@ -1007,6 +1052,70 @@ mod tests {
             None,
         );
         assert_eq!(json, d);
+    }
+
+    /// A point with the same attributes as the point before is identified once for both; what
+    /// it gives must be what it gives alone, whatever comes before it.
+    #[test]
+    fn points_identified_once_give_what_they_give_alone() {
+        let double = |k: &str, d: f64| KeyValue {
+            key: k.into(),
+            value: Some(AnyValue {
+                value: Some(Value::DoubleValue(d)),
+            }),
+            ..Default::default()
+        };
+        let attributes = [
+            vec![kv("cpu", "0")],
+            vec![kv("cpu", "0")],
+            vec![kv("k8s.pod.name", "p1"), kv("cpu", "0")],
+            vec![kv("k8s.pod.name", "p1"), kv("cpu", "0")],
+            vec![kv("k8s.pod.name", "p\n")],
+            vec![kv("k8s.pod.name", "p\n")],
+            // Equal as numbers, not as text: different series.
+            vec![double("x", 0.0)],
+            vec![double("x", -0.0)],
+            vec![],
+            vec![kv("cpu", "0")],
+            vec![kv("cpu", "0"), kv("state", "used")],
+        ];
+        let request = |points: &[(usize, &Vec<KeyValue>)]| ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: resource(&[("host.name", "h1"), ("service.name", "api")]),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: points
+                        .iter()
+                        .map(|(i, attributes)| Metric {
+                            name: format!("m{}", i % 3),
+                            data: Some(metric::Data::Gauge(Gauge {
+                                data_points: vec![NumberDataPoint {
+                                    time_unix_nano: 1_700_000_000_000_000_000,
+                                    value: Some(number_data_point::Value::AsDouble(*i as f64)),
+                                    attributes: attributes.to_vec(),
+                                    ..Default::default()
+                                }],
+                            })),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let points: Vec<(usize, &Vec<KeyValue>)> = attributes.iter().enumerate().collect();
+        let (all, json) = proto_and_json(&request(&points));
+        assert_eq!(all, json);
+        let mut alone = Decoded::default();
+        for point in &points {
+            let (one, _) = proto_and_json(&request(std::slice::from_ref(point)));
+            alone.telemetry.extend(one.telemetry);
+            alone.rejections.extend(one.rejections);
+        }
+        assert_eq!(all, alone);
+        assert_eq!((all.telemetry.len(), all.rejections.len()), (9, 2));
+        let metrics: Vec<&str> = all.samples().map(|s| s.metric.as_str()).collect();
+        assert_eq!(metrics[4..6], [r#"m0{x="0"}"#, r#"m1{x="-0"}"#]);
     }
 
     #[test]
