@@ -26,6 +26,9 @@ cargo fmt --all --check
 step "Lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "Build (the end-to-end tests run the foresight binary as a child process)"
+cargo build --workspace --bins --locked
+
 step "Tests (unit, property, end-to-end; benchmarks in quick mode so they cannot rot)"
 cargo test --workspace --all-targets --locked
 
