@@ -3,6 +3,7 @@
 //!
 //! The data flow, top-down, is in [`pipeline`].
 
+pub mod anomaly;
 mod checkpoint;
 pub mod config;
 pub mod db;

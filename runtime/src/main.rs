@@ -61,6 +61,11 @@ enum Command {
     },
     /// Replay telemetry files through the pipeline in-process: one message per line, in native
     /// JSON, OTLP/JSON or prometheus-kafka-adapter JSON (detected per line).
+    ///
+    /// With --anomaly-scores, the input is instead one entity's series as CSV
+    /// (`timestamp,value[,value...]`, comma or semicolon separated) and every row gets the
+    /// within-series anomaly score in [0, 1), computed online (each from the rows up to it),
+    /// written as `timestamp,anomaly_score`.
     Replay {
         /// Input files.
         #[arg(required = true)]
@@ -68,6 +73,13 @@ enum Command {
         /// Run directory for the outputs.
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
+        /// Score a CSV series row by row and write its anomaly scores to this CSV file.
+        #[arg(long, value_name = "OUT.csv")]
+        anomaly_scores: Option<PathBuf>,
+        /// With --anomaly-scores: the value columns, by header name (default: every column after
+        /// the first).
+        #[arg(long, value_delimiter = ',', requires = "anomaly_scores")]
+        columns: Vec<String>,
     },
     /// Configuration tools.
     Config {
@@ -191,7 +203,36 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Replay { inputs, out } => {
+        Command::Replay {
+            inputs,
+            out,
+            anomaly_scores: Some(scores),
+            columns,
+        } => {
+            let config = load(cli.config.as_ref())?;
+            let [input] = inputs.as_slice() else {
+                anyhow::bail!("--anomaly-scores scores one CSV series: give exactly one input");
+            };
+            let _ = out;
+            let columns = if columns.is_empty() {
+                foresight::anomaly::Columns::AllButFirst
+            } else {
+                foresight::anomaly::Columns::Named(columns)
+            };
+            let rows = foresight::anomaly::score_csv_file(
+                input,
+                &scores,
+                &columns,
+                &config.scoring.anomaly,
+            )?;
+            eprintln!(
+                "Scored {rows} rows of {}; scores in {}.",
+                input.display(),
+                scores.display()
+            );
+            Ok(())
+        }
+        Command::Replay { inputs, out, .. } => {
             let config = load(cli.config.as_ref())?;
             let started = Instant::now();
             let (outputs, records) = replay::replay_files(&config, &inputs)?;

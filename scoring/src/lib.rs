@@ -1,25 +1,48 @@
 //! Foresight scoring: the probability that an entity fails within a horizon, with an interval and an
 //! expected time to failure.
 //!
-//! This is the prior scorer: for every metric with a declared threshold it fits an exponential
-//! smoothing model (augurs' AutoETS, additive errors, trend chosen by AICc) to the window history the
-//! feature stage carries, forecasts the horizon with prediction intervals, and turns the forecast
-//! distribution into P(threshold breached within the horizon). It is a pure function of one
-//! [`FeatureWindow`], so live, restarted and replayed runs give identical scores.
+//! The scorer is the prior combination of signals, used before a learned failure model exists, and
+//! says so in every score (`method: prior`). Every window of every entity is scored from these
+//! signals, each a probability of failure within the horizon with its own explanation:
 //!
-//! ## How the probability is computed
+//! - **`forecast_breach`**: for every metric with a declared threshold, an exponential smoothing
+//!   model (augurs' AutoETS, additive errors, trend chosen by AICc) fitted to the window history
+//!   the feature stage carries forecasts the horizon with prediction intervals, and the forecast
+//!   distribution gives P(threshold breached within the horizon) and the expected time to it.
+//! - **`anomaly`**: every metric's window means go through the within-series
+//!   [`anomaly::AnomalyDetector`] (pattern strangeness against its own past, calibrated to a
+//!   p-value); its evidence `-log10 p` counts from `prior.anomaly_from` (3: one value in a
+//!   thousand is that strange by chance) and grows linearly to `prior.anomaly` at
+//!   `prior.anomaly_full` (12). An anomaly is evidence of trouble, not a failure: alone it reaches
+//!   the high band only when it is extreme.
+//! - **`changepoint`**: Bayesian online changepoint detection (augurs' BOCPD with a Normal-Gamma
+//!   prior) over a metric's standardised history; a change of regime within the last
+//!   `changepoint_recent` windows counts as `changepoint_weight`.
+//! - **`logs`**: the window's error rate and share of never-seen message templates, each beyond its
+//!   configured baseline, scaled to at most `logs_weight`.
+//!
+//! The signals are combined by **noisy-OR** over the strongest contributor of each kind,
+//! `P = 1 - prod(1 - p_kind)` (independent causes, any of which may fail the entity), and the
+//! interval likewise from the signals' bounds. Contributors are listed strongest first.
+//!
+//! ## How the forecast breach probability is computed
 //! For each step `h` the forecast is read as Normal(mean_h, sd_h), with `sd_h` recovered from the
 //! interval at the configured level. `P_h = P(X_h beyond threshold)`. Forecast errors at successive
 //! steps are strongly positively correlated, so the probability of a breach at *some* step is taken
 //! as `max_h P_h` (the tight lower bound for perfectly correlated errors) rather than a union bound,
-//! which would count one excursion many times. The entity's probability is the strongest metric's;
-//! the others are listed as contributors. Expected time to failure is the first step whose `P_h`
-//! reaches one half.
+//! which would count one excursion many times. Expected time to failure is the first step whose
+//! `P_h` reaches one half.
 //!
-//! ## The interval
-//! The probability's own uncertainty comes from the uncertainty of the fitted level: the forecast
-//! means are shifted by ±z·sd₁/√n (the standard error of a level estimated from `n` points, at the
-//! configured level) and the probability recomputed. Short histories give wide intervals.
+//! Its interval comes from the uncertainty of the fitted level: the forecast means are shifted by
+//! ±z·sd₁/√n (the standard error of a level estimated from `n` points, at the configured level)
+//! and the probability recomputed. Short histories give wide intervals.
+//!
+//! ## State
+//! The forecast and changepoint signals are pure functions of one window (its carried history).
+//! The anomaly detector keeps a bounded memory per series (`anomaly.memory` values); a series it
+//! has no state for (first sight, or after a restart) is warmed up from the window's carried
+//! history, so the same input always gives the same scores in replay, and a restarted live
+//! instance converges to them as its memory refills.
 //!
 //! ```
 //! use chrono::{DateTime, Utc};
@@ -51,18 +74,29 @@
 //! assert!(score.time_to_failure_seconds.unwrap() <= 30 * 60);
 //! ```
 
+pub mod anomaly;
+
 use std::time::Duration;
 
-use augurs::{Predict, ets::AutoETS, prelude::Fit};
+use std::collections::HashMap;
+
+use augurs::{
+    Predict,
+    changepoint::{Detector as _, NormalGammaDetector, dist::NormalGamma},
+    ets::AutoETS,
+    mstl::MSTLModel,
+    prelude::Fit,
+    seasons::{Detector as _, PeriodogramDetector},
+};
 use distrs::Normal;
 use foresight_events::{
-    Band, Contributor, FeatureWindow, MetricStats, Origin, Output, Processor, RiskScore,
-    ScoreMethod,
+    Band, Contributor, EntityId, FeatureWindow, LogStats, MetricStats, Origin, Output, Processor,
+    RiskScore, ScoreMethod,
 };
 use serde::{Deserialize, Serialize};
 
 /// Version string of the prior scorer, recorded in every score it makes.
-pub const PRIOR_MODEL_VERSION: &str = "prior-forecast-breach-1";
+pub const PRIOR_MODEL_VERSION: &str = "prior-signals-2";
 
 /// A declared limit of one metric: crossing it is a failure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +161,66 @@ pub struct ScoringConfig {
     pub bands: Bands,
     /// Declared limits per metric.
     pub thresholds: Vec<Threshold>,
+    /// The within-series anomaly detector.
+    pub anomaly: anomaly::AnomalyConfig,
+    /// How the prior turns each signal into a probability of failure.
+    pub prior: Prior,
+    /// Most series (entity x metric) whose anomaly state is kept; beyond it the series seen
+    /// least recently are forgotten (and warmed up again from their history when they return).
+    pub max_series: usize,
+    /// Most contributors listed in a score (the strongest).
+    pub max_contributors: usize,
+    /// A metric's forecast is refitted every this many windows; in between, the fitted forecast
+    /// is read further along (cheap), unless the series drifts.
+    pub refit_every: usize,
+    /// Drift: a newest value further than this many forecast standard deviations from what the
+    /// current fit forecast for it triggers a refit at once.
+    pub drift_sigmas: f64,
+    /// Seasonal periods (in windows) are looked for with a periodogram at each refit, from this
+    /// length up to a third of the history; a series with one is forecast with MSTL (seasonal
+    /// decomposition, AutoETS on the rest). 0 turns seasonality detection off.
+    pub min_season: usize,
+}
+
+/// The documented prior combination: what each signal's evidence is worth as a probability of
+/// failure within the horizon, before a learned model replaces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prior {
+    /// A metric's anomaly counts as at most this...
+    pub anomaly: f64,
+    /// ...growing linearly with its evidence (`-log10 p`) from this, where it starts to count...
+    pub anomaly_from: f64,
+    /// ...to this, where it counts fully.
+    pub anomaly_full: f64,
+    /// A changepoint in a metric's recent history counts as this.
+    pub changepoint: f64,
+    /// A changepoint counts when it is within this many of the newest windows.
+    pub changepoint_recent: usize,
+    /// BOCPD's expected run length between changes, in windows.
+    pub changepoint_hazard: f64,
+    /// Log evidence counts as at most this.
+    pub logs: f64,
+    /// Error rate (errors / records) that is normal.
+    pub error_rate_baseline: f64,
+    /// Share of never-seen templates that is normal.
+    pub new_template_baseline: f64,
+}
+
+impl Default for Prior {
+    fn default() -> Self {
+        Self {
+            anomaly: 0.9,
+            anomaly_from: 3.0,
+            anomaly_full: 12.0,
+            changepoint: 0.2,
+            changepoint_recent: 2,
+            changepoint_hazard: 250.0,
+            logs: 0.6,
+            error_rate_baseline: 0.05,
+            new_template_baseline: 0.2,
+        }
+    }
 }
 
 impl Default for ScoringConfig {
@@ -138,6 +232,13 @@ impl Default for ScoringConfig {
             max_fit_points: 60,
             bands: Bands::default(),
             thresholds: Vec::new(),
+            anomaly: anomaly::AnomalyConfig::default(),
+            prior: Prior::default(),
+            max_series: 200_000,
+            max_contributors: 8,
+            refit_every: 12,
+            drift_sigmas: 3.0,
+            min_season: 4,
         }
     }
 }
@@ -165,6 +266,15 @@ pub enum ScoringConfigError {
     /// The horizon must be positive.
     #[error("scoring.horizon must be positive")]
     Horizon,
+    /// The anomaly detector's configuration is invalid.
+    #[error(transparent)]
+    Anomaly(#[from] anomaly::AnomalyConfigError),
+    /// A prior weight must be a probability.
+    #[error("scoring.prior.{0} must be between 0 and 1, not {1}")]
+    PriorWeight(&'static str, f64),
+    /// A size that must be positive is zero.
+    #[error("scoring.{0} must be at least 1")]
+    Zero(&'static str),
 }
 
 impl ScoringConfig {
@@ -196,16 +306,122 @@ impl ScoringConfig {
                 errors.push(ScoringConfigError::Threshold(i, t.metric.clone()));
             }
         }
+        let pr = &self.prior;
+        for (name, w) in [
+            ("anomaly", pr.anomaly),
+            ("changepoint", pr.changepoint),
+            ("logs", pr.logs),
+            ("error_rate_baseline", pr.error_rate_baseline),
+            ("new_template_baseline", pr.new_template_baseline),
+        ] {
+            if !(0.0..=1.0).contains(&w) {
+                errors.push(ScoringConfigError::PriorWeight(name, w));
+            }
+        }
+        if !(pr.anomaly_from >= 0.0
+            && pr.anomaly_full > pr.anomaly_from
+            && pr.anomaly_full.is_finite())
+        {
+            errors.push(ScoringConfigError::PriorWeight(
+                "anomaly_full (above anomaly_from >= 0; not a probability)",
+                pr.anomaly_full,
+            ));
+        }
+        if !(pr.changepoint_hazard.is_finite() && pr.changepoint_hazard >= 1.0) {
+            errors.push(ScoringConfigError::PriorWeight(
+                "changepoint_hazard (at least 1)",
+                pr.changepoint_hazard,
+            ));
+        }
+        if !(self.drift_sigmas.is_finite() && self.drift_sigmas > 0.0) {
+            errors.push(ScoringConfigError::PriorWeight(
+                "drift_sigmas (positive; not a prior weight)",
+                self.drift_sigmas,
+            ));
+        }
+        for (name, v) in [
+            ("refit_every", self.refit_every),
+            ("max_series", self.max_series),
+            ("max_contributors", self.max_contributors),
+            ("prior.changepoint_recent", pr.changepoint_recent),
+        ] {
+            if v == 0 {
+                errors.push(ScoringConfigError::Zero(name));
+            }
+        }
+        errors.extend(
+            self.anomaly
+                .validate()
+                .into_iter()
+                .map(ScoringConfigError::Anomaly),
+        );
         errors
     }
 }
 
-/// The forecast-breach scorer: [`FeatureWindow`] in, [`RiskScore`] out.
+/// The scorer: [`FeatureWindow`] in, [`RiskScore`] out.
 #[derive(Debug)]
 pub struct Scorer {
     config: ScoringConfig,
     z: f64,
     model: AutoETS,
+    /// Anomaly state per series (entity, metric).
+    series: HashMap<(EntityId, String), Series>,
+    /// Windows scored: a logical clock for forgetting the least recently seen series.
+    tick: u64,
+    /// Forecast fits made so far.
+    fits: u64,
+}
+
+/// A fitted forecast, read further along at each window until the next refit.
+#[derive(Debug, Clone)]
+struct CachedForecast {
+    /// Point forecasts from the window after the fit on, `horizon + refit_every` steps.
+    points: Vec<f64>,
+    /// Their standard deviations.
+    sds: Vec<f64>,
+    /// Windows since the fit.
+    age: usize,
+    /// History length it was fitted on.
+    fitted_on: usize,
+    /// The model that made it, for the explanation.
+    model: &'static str,
+}
+
+/// One series' state: its anomaly detector and its forecast.
+#[derive(Debug)]
+struct Series {
+    forecast: Option<CachedForecast>,
+    detector: anomaly::AnomalyDetector,
+    /// The partition its entity came from, to drop it when the partition is revoked.
+    partition: i32,
+    /// `tick` of its last update.
+    seen: u64,
+}
+
+/// One signal's contribution, with its interval.
+#[derive(Debug, Clone, PartialEq)]
+struct Signal {
+    probability: f64,
+    lower: f64,
+    upper: f64,
+    steps_to_breach: Option<usize>,
+    contributor: Contributor,
+}
+
+impl Signal {
+    /// A signal whose probability is a point value of the prior (no interval of its own, no
+    /// lead time).
+    fn point(contributor: Contributor) -> Self {
+        let p = contributor.probability;
+        Self {
+            probability: p,
+            lower: p,
+            upper: p,
+            steps_to_breach: None,
+            contributor,
+        }
+    }
 }
 
 /// One metric's forecast-breach signal.
@@ -216,6 +432,8 @@ struct Breach {
     upper: f64,
     steps_to_breach: Option<usize>,
     forecast_at_horizon: f64,
+    /// The forecasting model (`AutoETS`, `MSTL`, `constant`).
+    model: &'static str,
 }
 
 impl Scorer {
@@ -228,10 +446,234 @@ impl Scorer {
         let z = Normal::ppf(0.5 + config.level / 2.0, 0.0, 1.0);
         // Additive errors (metrics may be zero or negative); no, additive or damped trend by AICc.
         let model = AutoETS::new(1, "AZN").expect("AZN is a valid AutoETS spec");
-        Ok(Self { config, z, model })
+        Ok(Self {
+            config,
+            z,
+            model,
+            series: HashMap::new(),
+            tick: 0,
+            fits: 0,
+        })
     }
 
-    fn breach(&self, stats: &MetricStats, threshold: &Threshold, steps: usize) -> Option<Breach> {
+    /// Forecast fits made so far (refits are scheduled and on drift, not every window).
+    pub fn fits(&self) -> u64 {
+        self.fits
+    }
+
+    /// Series whose state is kept.
+    pub fn series(&self) -> usize {
+        self.series.len()
+    }
+
+    /// The state of a series, created (its detector warmed up on the window's history before
+    /// the newest value) when it is new, and marked as seen now.
+    fn series_mut(
+        &mut self,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        partition: i32,
+    ) -> &mut Series {
+        let tick = self.tick;
+        let key = (entity.clone(), name.to_owned());
+        let series = self.series.entry(key).or_insert_with(|| {
+            let mut detector = anomaly::AnomalyDetector::new(self.config.anomaly.clone(), 1);
+            let past = stats.history.len().saturating_sub(1);
+            for v in &stats.history[..past] {
+                detector.update(&[*v]);
+            }
+            Series {
+                forecast: None,
+                detector,
+                partition,
+                seen: tick,
+            }
+        });
+        series.seen = tick;
+        series.partition = partition;
+        series
+    }
+
+    /// The anomaly signal of one series: its detector takes the window's mean (a detector met for
+    /// the first time is warmed up on the history before it).
+    fn anomaly(
+        &mut self,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        partition: i32,
+    ) -> Option<Signal> {
+        let series = self.series_mut(entity, name, stats, partition);
+        let a = series.detector.update(&[stats.mean]);
+        let pr = &self.config.prior;
+        let strength =
+            ((a.evidence - pr.anomaly_from) / (pr.anomaly_full - pr.anomaly_from)).clamp(0.0, 1.0);
+        if strength <= 0.0 {
+            return None;
+        }
+        let probability = pr.anomaly * strength;
+        Some(Signal::point(Contributor {
+            signal: "anomaly".into(),
+            metric: Some(name.to_owned()),
+            probability,
+            value: a.score,
+            detail: format!(
+                "{name} = {:.3} is unusual for this series (anomaly score {:.3}, p = {:.2e})",
+                stats.mean, a.score, a.p_value
+            ),
+        }))
+    }
+
+    /// A recent change of regime in a metric's history.
+    fn changepoint(&self, name: &str, stats: &MetricStats) -> Option<Signal> {
+        let h = &stats.history;
+        if h.len() < self.config.min_history {
+            return None;
+        }
+        let n = h.len() as f64;
+        let mean = h.iter().sum::<f64>() / n;
+        let sd = (h.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        if sd <= mean.abs() * 1e-9 + f64::MIN_POSITIVE {
+            return None;
+        }
+        // A change within the newest `recent` windows must show in them: unless they stand
+        // apart from the windows before (by two of their standard deviations), skip the detector.
+        let recent = self.config.prior.changepoint_recent.min(h.len() - 2);
+        let (past, newest) = h.split_at(h.len() - recent);
+        let past_mean = past.iter().sum::<f64>() / past.len() as f64;
+        let past_sd =
+            (past.iter().map(|v| (v - past_mean).powi(2)).sum::<f64>() / past.len() as f64).sqrt();
+        let newest_mean = newest.iter().sum::<f64>() / newest.len() as f64;
+        if (newest_mean - past_mean).abs() < 2.0 * past_sd {
+            return None;
+        }
+        let standardised: Vec<f64> = h.iter().map(|v| (v - mean) / sd).collect();
+        let prior = NormalGamma::new_unchecked(0.0, 1.0, 1.0, 1.0);
+        let mut detector =
+            NormalGammaDetector::normal_gamma(self.config.prior.changepoint_hazard, prior);
+        let last = detector
+            .detect_changepoints(&standardised)
+            .into_iter()
+            .filter(|&i| i > 0)
+            .max()?;
+        let ago = h.len() - 1 - last;
+        if ago >= self.config.prior.changepoint_recent {
+            return None;
+        }
+        let before = h[..last].iter().sum::<f64>() / last as f64;
+        let after = h[last..].iter().sum::<f64>() / (h.len() - last) as f64;
+        let probability = self.config.prior.changepoint;
+        Some(Signal::point(Contributor {
+            signal: "changepoint".into(),
+            metric: Some(name.to_owned()),
+            probability,
+            value: after - before,
+            detail: format!(
+                "{name} changed regime {ago} window(s) ago: mean {before:.3} before, {after:.3} since"
+            ),
+        }))
+    }
+
+    /// Error rate and never-seen templates beyond their baselines.
+    fn logs(&self, logs: &LogStats) -> Option<Signal> {
+        let pr = &self.config.prior;
+        let excess = |v: f64, base: f64| ((v - base) / (1.0 - base).max(1e-9)).clamp(0.0, 1.0);
+        let errors = excess(logs.error_rate, pr.error_rate_baseline);
+        let novel = excess(logs.new_template_share, pr.new_template_baseline);
+        let strength = 1.0 - (1.0 - errors) * (1.0 - novel);
+        if strength <= 0.0 {
+            return None;
+        }
+        let probability = pr.logs * strength;
+        Some(Signal::point(Contributor {
+            signal: "logs".into(),
+            metric: None,
+            probability,
+            value: logs.error_rate,
+            detail: format!(
+                "{} log records: error rate {:.3} (normal {:.3}), {} never-seen templates ({:.3} of them)",
+                logs.count,
+                logs.error_rate,
+                pr.error_rate_baseline,
+                logs.new_templates,
+                logs.new_template_share
+            ),
+        }))
+    }
+
+    /// Forgets the least recently seen tenth of the series once there are too many.
+    fn bound_series(&mut self) {
+        if self.series.len() <= self.config.max_series {
+            return;
+        }
+        let mut seen: Vec<u64> = self.series.values().map(|s| s.seen).collect();
+        let cut = seen.len() / 10;
+        let (_, &mut oldest_kept, _) = seen.select_nth_unstable(cut);
+        self.series.retain(|_, s| s.seen >= oldest_kept);
+    }
+
+    /// Fits a forecast of `steps` steps to `history`: MSTL when the periodogram finds a season,
+    /// else AutoETS; a constant series forecasts itself.
+    fn fit(&mut self, history: &[f64], steps: usize) -> Option<CachedForecast> {
+        self.fits += 1;
+        let done = |points: Vec<f64>, sds: Vec<f64>, model| CachedForecast {
+            points,
+            sds,
+            age: 0,
+            fitted_on: history.len(),
+            model,
+        };
+        if history.iter().all(|v| *v == history[0]) {
+            return Some(done(vec![history[0]; steps], vec![0.0; steps], "constant"));
+        }
+        let intervals = |forecast: augurs::Forecast| -> Option<(Vec<f64>, Vec<f64>)> {
+            let iv = forecast.intervals?;
+            let sds = iv
+                .upper
+                .iter()
+                .zip(&iv.lower)
+                .map(|(u, l)| ((u - l) / (2.0 * self.z)).max(0.0))
+                .collect();
+            Some((forecast.point, sds))
+        };
+        let min_season = self.config.min_season;
+        if min_season >= 2 && history.len() >= 3 * min_season {
+            let detector = PeriodogramDetector::builder()
+                .min_period(min_season as u32)
+                .max_period((history.len() / 3) as u32)
+                .build();
+            if let Some(&period) = detector.detect(history).first() {
+                let trend = AutoETS::new(1, "AZN")
+                    .expect("AZN is a valid AutoETS spec")
+                    .into_trend_model();
+                let mstl = MSTLModel::new(vec![period as usize], trend);
+                let forecast = mstl
+                    .fit(history)
+                    .ok()
+                    .and_then(|f| f.predict(steps, self.config.level).ok())
+                    .and_then(intervals);
+                if let Some((points, sds)) = forecast {
+                    return Some(done(points, sds, "MSTL"));
+                }
+            }
+        }
+        let fitted = self.model.fit(history).ok()?;
+        let (points, sds) = intervals(fitted.predict(steps, self.config.level).ok()?)?;
+        Some(done(points, sds, "AutoETS"))
+    }
+
+    /// The forecast of the next `steps` windows of a series: the cached fit read one window
+    /// further along, or a new fit when the schedule says so, the series drifted away from the
+    /// cached forecast, or there is none.
+    fn forecast(
+        &mut self,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        steps: usize,
+        partition: i32,
+    ) -> Option<(Vec<f64>, Vec<f64>, usize, &'static str)> {
         let history = &stats.history[stats
             .history
             .len()
@@ -239,26 +681,50 @@ impl Scorer {
         if history.len() < self.config.min_history {
             return None;
         }
+        let newest = *history.last()?;
+        let series = self.series_mut(entity, name, stats, partition);
+        let cached = series.forecast.take();
+        let (refit_every, drift) = (self.config.refit_every, self.config.drift_sigmas);
+        let kept = cached.and_then(|mut c| {
+            let age = c.age + 1;
+            let (mean, sd) = (*c.points.get(age - 1)?, *c.sds.get(age - 1)?);
+            let drifted = (newest - mean).abs() > drift * sd.max(mean.abs() * 1e-9);
+            let fresh = age < refit_every && age + steps <= c.points.len();
+            (fresh && !drifted).then(|| {
+                c.age = age;
+                c
+            })
+        });
+        let c = match kept {
+            Some(c) => c,
+            None => self.fit(history, steps + refit_every)?,
+        };
+        let result = (
+            c.points[c.age..c.age + steps].to_vec(),
+            c.sds[c.age..c.age + steps].to_vec(),
+            c.fitted_on,
+            c.model,
+        );
+        self.series_mut(entity, name, stats, partition).forecast = Some(c);
+        Some(result)
+    }
+
+    fn breach(
+        &mut self,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        threshold: &Threshold,
+        steps: usize,
+        partition: i32,
+    ) -> Option<Breach> {
         let (limit, above) = match (threshold.above, threshold.below) {
             (Some(a), _) => (a, true),
             (None, Some(b)) => (b, false),
             (None, None) => return None,
         };
-        // A constant series has no variance to fit; its forecast is itself.
-        let (points, sds) = if history.iter().all(|v| *v == history[0]) {
-            (vec![history[0]; steps], vec![0.0; steps])
-        } else {
-            let fitted = self.model.fit(history).ok()?;
-            let forecast = fitted.predict(steps, self.config.level).ok()?;
-            let intervals = forecast.intervals?;
-            let sds = intervals
-                .upper
-                .iter()
-                .zip(&intervals.lower)
-                .map(|(u, l)| ((u - l) / (2.0 * self.z)).max(0.0))
-                .collect();
-            (forecast.point, sds)
-        };
+        let (points, sds, fitted_on, model) =
+            self.forecast(entity, name, stats, steps, partition)?;
         if points.iter().any(|p| !p.is_finite()) {
             return None;
         }
@@ -271,7 +737,7 @@ impl Scorer {
                 Normal::cdf(d / sd, 0.0, 1.0)
             }
         };
-        let shift = self.z * sds[0] / (history.len() as f64).sqrt();
+        let shift = self.z * sds[0] / (fitted_on as f64).sqrt();
         let (mut probability, mut worse, mut better) = (0.0_f64, 0.0_f64, 0.0_f64);
         let mut steps_to_breach = None;
         for (h, (&mean, &sd)) in points.iter().zip(&sds).enumerate() {
@@ -290,6 +756,7 @@ impl Scorer {
             upper: worse.max(probability),
             steps_to_breach,
             forecast_at_horizon: *points.last()?,
+            model,
         })
     }
 }
@@ -298,17 +765,15 @@ impl Processor for Scorer {
     type Input = FeatureWindow;
     type Output = RiskScore;
 
-    fn process(
-        &mut self,
-        window: FeatureWindow,
-        _origin: Origin,
-        out: &mut Vec<Output<RiskScore>>,
-    ) {
+    fn process(&mut self, window: FeatureWindow, origin: Origin, out: &mut Vec<Output<RiskScore>>) {
+        self.tick += 1;
         let window_ms = (window.end - window.start).num_milliseconds().max(1);
         let horizon_ms = self.config.horizon.as_millis() as i64;
         let steps = (horizon_ms + window_ms - 1) / window_ms;
-        let mut signals: Vec<(Breach, Contributor)> = Vec::new();
-        for threshold in &self.config.thresholds {
+        let mut signals: Vec<Signal> = Vec::new();
+        // Taken out for the loop (breach needs `&mut self`), put back after it.
+        let thresholds = std::mem::take(&mut self.config.thresholds);
+        for threshold in &thresholds {
             // A threshold on `m` applies to `m` and to each of its series `m{...}`.
             let m = threshold.metric.as_str();
             let series = window
@@ -317,7 +782,14 @@ impl Processor for Scorer {
                 .take_while(|(name, _)| name.starts_with(m))
                 .filter(|(name, _)| name.len() == m.len() || name.as_bytes()[m.len()] == b'{');
             for (name, stats) in series {
-                let Some(breach) = self.breach(stats, threshold, steps as usize) else {
+                let Some(breach) = self.breach(
+                    &window.entity,
+                    name,
+                    stats,
+                    threshold,
+                    steps as usize,
+                    origin.partition,
+                ) else {
                     continue;
                 };
                 let (op, limit) = match (threshold.above, threshold.below) {
@@ -325,33 +797,69 @@ impl Processor for Scorer {
                     (_, b) => ("<", b.unwrap_or_default()),
                 };
                 let detail = format!(
-                    "{name} forecast {:.3} at the horizon (now {:.3}); P({name} {op} {limit}) = {:.3}",
-                    breach.forecast_at_horizon, stats.mean, breach.probability
+                    "{name} forecast {:.3} at the horizon by {} (now {:.3}); P({name} {op} {limit}) = {:.3}",
+                    breach.forecast_at_horizon, breach.model, stats.mean, breach.probability
                 );
-                let contributor = Contributor {
-                    signal: "forecast_breach".into(),
-                    metric: Some(name.clone()),
+                signals.push(Signal {
                     probability: breach.probability,
-                    value: breach.forecast_at_horizon,
-                    detail,
-                };
-                signals.push((breach, contributor));
+                    lower: breach.lower,
+                    upper: breach.upper,
+                    steps_to_breach: breach.steps_to_breach,
+                    contributor: Contributor {
+                        signal: "forecast_breach".into(),
+                        metric: Some(name.clone()),
+                        probability: breach.probability,
+                        value: breach.forecast_at_horizon,
+                        detail,
+                    },
+                });
             }
         }
-        if signals.is_empty() {
+        self.config.thresholds = thresholds;
+        for (name, stats) in &window.metrics {
+            if let Some(a) = self.anomaly(&window.entity, name, stats, origin.partition) {
+                signals.push(a);
+            }
+            if let Some(c) = self.changepoint(name, stats) {
+                signals.push(c);
+            }
+        }
+        if let Some(l) = window.logs.as_ref().and_then(|l| self.logs(l)) {
+            signals.push(l);
+        }
+        self.bound_series();
+        // A window with nothing to score (no history yet, no thresholds) gives no score.
+        if signals.is_empty() && !self.scorable(&window) {
             return;
         }
-        // Strongest first; ties broken by metric name so the order is deterministic.
+        // Strongest first; ties broken by signal and metric so the order is deterministic.
         signals.sort_by(|a, b| {
-            b.0.probability
-                .total_cmp(&a.0.probability)
-                .then_with(|| a.1.metric.cmp(&b.1.metric))
+            b.probability
+                .total_cmp(&a.probability)
+                .then_with(|| a.contributor.signal.cmp(&b.contributor.signal))
+                .then_with(|| a.contributor.metric.cmp(&b.contributor.metric))
         });
-        let top = &signals[0].0;
-        let (probability, lower, upper) = (top.probability, top.lower, top.upper);
-        let time_to_failure_seconds = top
-            .steps_to_breach
+        // Noisy-OR over the strongest signal of each kind.
+        let (mut none, mut none_lower, mut none_upper) = (1.0, 1.0, 1.0);
+        let mut kinds: Vec<&str> = Vec::new();
+        for sig in &signals {
+            if kinds.contains(&sig.contributor.signal.as_str()) {
+                continue;
+            }
+            kinds.push(&sig.contributor.signal);
+            none *= 1.0 - sig.probability;
+            none_lower *= 1.0 - sig.lower;
+            none_upper *= 1.0 - sig.upper;
+        }
+        let probability = (1.0 - none).clamp(0.0, 1.0);
+        let lower = (1.0 - none_lower).clamp(0.0, probability);
+        let upper = (1.0 - none_upper).clamp(probability, 1.0);
+        let time_to_failure_seconds = signals
+            .iter()
+            .filter_map(|s| s.steps_to_breach)
+            .min()
             .map(|h| (h as i64 * window_ms / 1000) as u64);
+        signals.truncate(self.config.max_contributors);
         out.push(Output::Event(RiskScore {
             window_id: foresight_events::EventData::id(&window),
             entity: window.entity,
@@ -363,10 +871,25 @@ impl Processor for Scorer {
             time_to_failure_seconds,
             health: (100.0 * (1.0 - probability)).clamp(0.0, 100.0),
             band: self.config.bands.of(probability),
-            contributors: signals.into_iter().map(|(_, c)| c).collect(),
+            contributors: signals.into_iter().map(|s| s.contributor).collect(),
             method: ScoreMethod::Prior,
             model_version: PRIOR_MODEL_VERSION.into(),
         }));
+    }
+
+    fn forget_partition(&mut self, partition: i32) {
+        self.series.retain(|_, s| s.partition != partition);
+    }
+}
+
+impl Scorer {
+    /// Whether a window has enough history in some metric to be scored at all: such a window
+    /// gets a score even when no signal fired (a low-risk score is news too).
+    fn scorable(&self, window: &FeatureWindow) -> bool {
+        window
+            .metrics
+            .values()
+            .any(|m| m.history.len() >= self.config.min_history)
     }
 }
 
@@ -491,14 +1014,159 @@ mod tests {
     fn short_history_gives_no_score_and_scores_are_deterministic() {
         let mut s = scorer(above("cpu", 95.0));
         assert!(score(&mut s, window("cpu", vec![1.0; 5])).is_none());
-        let h: Vec<f64> = (0..30).map(|i| 50.0 + i as f64 + noise(i)).collect();
-        let a = score(&mut s, window("cpu", h.clone())).unwrap();
-        let b = score(&mut s, window("cpu", h)).unwrap();
+        // Two scorers fed the same windows give the same scores, ids included.
+        let run = || {
+            let mut s = scorer(above("cpu", 95.0));
+            (20..40)
+                .filter_map(|n| {
+                    let h: Vec<f64> = (0..n).map(|i| 50.0 + i as f64 + noise(i)).collect();
+                    score(&mut s, window("cpu", h))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.len(), 20);
         assert_eq!(a, b);
         assert_eq!(
-            foresight_events::EventData::id(&a),
-            foresight_events::EventData::id(&b)
+            a.iter()
+                .map(foresight_events::EventData::id)
+                .collect::<Vec<_>>(),
+            b.iter()
+                .map(foresight_events::EventData::id)
+                .collect::<Vec<_>>()
         );
+    }
+
+    /// Windows of one metric with a growing history: `f(i)` is the i-th window's mean.
+    fn windows(metric: &str, n: usize, f: impl Fn(usize) -> f64) -> Vec<FeatureWindow> {
+        (1..=n)
+            .map(|len| {
+                let h: Vec<f64> = (0..len).map(&f).collect();
+                let h = h[len.saturating_sub(64)..].to_vec();
+                let mut w = window(metric, h);
+                let end = DateTime::<Utc>::from_timestamp(len as i64 * 60, 0).unwrap();
+                w.start = end - chrono::Duration::seconds(60);
+                w.end = end;
+                w
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forecasts_are_refitted_on_schedule_and_on_drift() {
+        let mut s = scorer(above("cpu", 95.0));
+        for w in windows("cpu", 60, |i| 40.0 + 2.0 * noise(i)) {
+            score(&mut s, w);
+        }
+        // 60 windows, the first 11 too short to forecast: 49 forecasts, one fit per 12 windows.
+        let steady = s.fits();
+        assert!((4..=8).contains(&steady), "{steady} fits for 49 forecasts");
+        // A jump far outside the forecast interval refits at once.
+        let mut s = scorer(above("cpu", 95.0));
+        let ws = windows("cpu", 40, |i| {
+            40.0 + 2.0 * noise(i) + if i >= 37 { 30.0 } else { 0.0 }
+        });
+        let mut fits = Vec::new();
+        for w in ws {
+            score(&mut s, w);
+            fits.push(s.fits());
+        }
+        assert!(fits[37] > fits[36], "the jump refits: {fits:?}");
+    }
+
+    #[test]
+    fn a_seasonal_metric_is_forecast_with_mstl() {
+        let mut s = scorer(above("cpu", 95.0));
+        let season =
+            |i: usize| 50.0 + 20.0 * (i as f64 * std::f64::consts::TAU / 8.0).sin() + noise(i);
+        let r = windows("cpu", 48, season)
+            .into_iter()
+            .filter_map(|w| score(&mut s, w))
+            .last()
+            .unwrap();
+        let breach = r
+            .contributors
+            .iter()
+            .find(|c| c.signal == "forecast_breach")
+            .unwrap();
+        assert!(breach.detail.contains("MSTL"), "{}", breach.detail);
+        assert!(r.probability < 0.5, "a stable cycle below its limit: {r:?}");
+    }
+
+    #[test]
+    fn an_anomaly_and_a_changepoint_raise_the_risk_of_an_unthresholded_metric() {
+        let mut s = Scorer::new(ScoringConfig::default()).unwrap();
+        let f = |i: usize| 20.0 + noise(i) + if i >= 150 { 12.0 } else { 0.0 };
+        let scores: Vec<RiskScore> = windows("queue_depth", 156, f)
+            .into_iter()
+            .filter_map(|w| score(&mut s, w))
+            .collect();
+        // Scores start at window 12 (min_history): the shift is at score 150 - 11.
+        let (before, since) = scores.split_at(150 - 11);
+        let calm = before.iter().map(|r| r.probability).fold(0.0, f64::max);
+        assert!(
+            before[100..].iter().all(|r| r.band == Band::Low),
+            "calm before"
+        );
+        let has = |signal: &str| {
+            since
+                .iter()
+                .any(|r| r.contributors.iter().any(|c| c.signal == signal))
+        };
+        assert!(has("anomaly"), "{since:?}");
+        assert!(has("changepoint"), "{since:?}");
+        let after = since
+            .iter()
+            .max_by(|a, b| a.probability.total_cmp(&b.probability))
+            .unwrap();
+        assert!(after.probability > calm + 0.3, "{calm} then {after:?}");
+        // Noisy-OR: at least the strongest signal, at most certain.
+        let strongest = after.contributors[0].probability;
+        assert!(after.probability >= strongest && after.probability <= 1.0);
+        assert!(after.lower <= after.probability && after.probability <= after.upper);
+        assert_eq!(after.method, ScoreMethod::Prior);
+    }
+
+    #[test]
+    fn error_storms_in_logs_are_a_signal() {
+        let mut s = Scorer::new(ScoringConfig::default()).unwrap();
+        let mut w = window("cpu", (0..20).map(|i| 30.0 + noise(i)).collect());
+        w.logs = Some(LogStats {
+            count: 200,
+            error_rate: 0.6,
+            new_templates: 30,
+            new_template_share: 0.15,
+            ..LogStats::default()
+        });
+        let r = score(&mut s, w).unwrap();
+        assert_eq!(r.contributors[0].signal, "logs", "{r:?}");
+        assert!(r.probability > 0.3, "{r:?}");
+    }
+
+    #[test]
+    fn series_state_is_bounded_and_dropped_with_its_partition() {
+        let mut s = Scorer::new(ScoringConfig {
+            max_series: 50,
+            ..ScoringConfig::default()
+        })
+        .unwrap();
+        for e in 0..200 {
+            let mut w = window("cpu", vec![1.0, 2.0, 3.0]);
+            w.entity = EntityId::new(format!("e{e}")).unwrap();
+            s.process(
+                w,
+                Origin {
+                    input: 0,
+                    partition: e % 2,
+                    offset: 0,
+                },
+                &mut Vec::new(),
+            );
+            assert!(s.series() <= 50);
+        }
+        s.forget_partition(0);
+        s.forget_partition(1);
+        assert_eq!(s.series(), 0);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! addresses come from `FORESIGHT_TEST_BROKERS` (default `127.0.0.1:9092`) and
 //! `FORESIGHT_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`).
 
+pub mod nab;
+
 use std::{
     collections::BTreeMap,
     future::Future,

@@ -1,0 +1,552 @@
+//! Within-series anomaly: how surprising is the newest value of a series, given its own past?
+//!
+//! [`AnomalyDetector`] is a streaming, deterministic detector with bounded memory, for one series of
+//! one or more dimensions (a metric, or the sensors of one pump). For every new value it answers
+//! with an anomaly score in `[0, 1)` computed only from the values up to it, so it runs the same
+//! online, in replay and in an offline evaluation.
+//!
+//! ## How it scores
+//! 1. **Pattern strangeness.** The newest `pattern` values form a pattern; its strangeness is the
+//!    mean distance to its `neighbours` nearest patterns among the last `memory` values (patterns
+//!    overlapping it are excluded), each dimension scaled by its standard deviation over that
+//!    memory. A value that the series has never shown in this context is far from every past
+//!    pattern: spikes, level shifts, a daily cycle that goes flat, a noise change.
+//! 2. **Calibrated tail probability.** The strangeness is ranked against the strangeness of the
+//!    last `calibration` values (conformal p-value); beyond the top `tail` of them, where ranks run
+//!    out, the tail is extrapolated with an exponential fitted to their excesses (peaks over
+//!    threshold), so a huge anomaly is more surprising than a merely unprecedented one.
+//! 3. **Evidence over time.** A single value's p-value catches spikes; sustained, moderate
+//!    strangeness is caught by pooling: the mean surprise (`-ln p`) of the last `pooling` values.
+//!    Overlapping patterns make neighbouring surprises strongly dependent, so the pooled mean does
+//!    not follow the Gamma law independent surprises would; it is calibrated like the strangeness,
+//!    against its own last `calibration` values (rank, then exponential tail). The more surprising
+//!    of the two tests is kept, Bonferroni-corrected (its p-value doubled) for having had two tries.
+//! 4. **One alarm per incident.** Once the evidence reaches `alarm` (a p-value of `10^-alarm`),
+//!    values report only evidence beyond the incident's peak by another `alarm`, until `refractory`
+//!    values in a row stay below `alarm`: an incident raises one alarm, not one per value nor one
+//!    per `refractory` values while it lasts, while a much worse development still shows.
+//!
+//! The score is `L / (1 + L)` with `L = -log10(p)` of the kept test: monotone in the evidence, never
+//! saturating, 0.5 at p = 0.1 and 0.9 at p = 1e-9.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of the within-series anomaly detector. One configuration serves every series:
+/// each part adapts to the series' own scale and variability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// Consecutive values compared as one pattern.
+    pub pattern: usize,
+    /// Nearest past patterns averaged into a pattern's strangeness.
+    pub neighbours: usize,
+    /// Most recent values kept to compare the newest pattern against (bounds memory and time per
+    /// value: `memory x pattern x dimensions` multiply-adds).
+    pub memory: usize,
+    /// Most recent strangeness values a new one is ranked against (and pooled surprises a new
+    /// pooled one is ranked against); each value costs a pass over both.
+    pub calibration: usize,
+    /// Fewest calibration values before any score above zero (the pooled test starts once it has
+    /// as many pooled values of its own).
+    pub min_calibration: usize,
+    /// Highest calibration values whose excesses fit the extrapolated tail.
+    pub tail: usize,
+    /// Surprises pooled into the evidence of a sustained anomaly (1 turns the pooled test off).
+    pub pooling: usize,
+    /// Evidence (`-log10 p`) from which a value counts as an alarm; also the margin by which later
+    /// evidence must beat the incident's peak to show during the refractory period.
+    pub alarm: f64,
+    /// Values in a row below `alarm` that end an incident; until then only evidence beyond its
+    /// peak is reported.
+    pub refractory: usize,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        Self {
+            pattern: 6,
+            neighbours: 3,
+            memory: 1500,
+            calibration: 600,
+            min_calibration: 60,
+            tail: 30,
+            pooling: 24,
+            alarm: 3.0,
+            refractory: 300,
+        }
+    }
+}
+
+/// An invalid anomaly configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AnomalyConfigError {
+    /// A size that must be positive is zero.
+    #[error("scoring.anomaly.{0} must be at least 1")]
+    Zero(&'static str),
+    /// The memory must hold enough patterns to find neighbours in.
+    #[error(
+        "scoring.anomaly.memory ({memory}) must be at least 2 x pattern + neighbours ({needed})"
+    )]
+    Memory {
+        /// The configured memory.
+        memory: usize,
+        /// The least memory that works.
+        needed: usize,
+    },
+    /// The calibration set must be larger than its tail and its minimum.
+    #[error(
+        "scoring.anomaly: need tail ({tail}) < min_calibration ({min}) <= calibration ({calibration})"
+    )]
+    Calibration {
+        /// The tail.
+        tail: usize,
+        /// The minimum.
+        min: usize,
+        /// The calibration size.
+        calibration: usize,
+    },
+    /// The alarm level must be a positive number.
+    #[error("scoring.anomaly.alarm must be positive and finite, not {0}")]
+    Alarm(f64),
+}
+
+impl AnomalyConfig {
+    /// Checks the configuration, reporting every problem.
+    pub fn validate(&self) -> Vec<AnomalyConfigError> {
+        let mut errors = Vec::new();
+        for (name, v) in [
+            ("pattern", self.pattern),
+            ("neighbours", self.neighbours),
+            ("pooling", self.pooling),
+            ("tail", self.tail),
+        ] {
+            if v == 0 {
+                errors.push(AnomalyConfigError::Zero(name));
+            }
+        }
+        let needed = 2 * self.pattern + self.neighbours;
+        if self.memory < needed {
+            errors.push(AnomalyConfigError::Memory {
+                memory: self.memory,
+                needed,
+            });
+        }
+        if !(self.tail < self.min_calibration && self.min_calibration <= self.calibration) {
+            errors.push(AnomalyConfigError::Calibration {
+                tail: self.tail,
+                min: self.min_calibration,
+                calibration: self.calibration,
+            });
+        }
+        if !(self.alarm.is_finite() && self.alarm > 0.0) {
+            errors.push(AnomalyConfigError::Alarm(self.alarm));
+        }
+        errors
+    }
+}
+
+/// What the detector said about one value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Anomaly {
+    /// The anomaly score in `[0, 1)`; 0 while the detector is still learning the series.
+    pub score: f64,
+    /// The evidence behind it, `-log10` of the p-value of the kept test (after the refractory
+    /// period's discount).
+    pub evidence: f64,
+    /// The p-value of the newest value's strangeness alone (1 while learning).
+    pub p_value: f64,
+}
+
+impl Anomaly {
+    const LEARNING: Anomaly = Anomaly {
+        score: 0.0,
+        evidence: 0.0,
+        p_value: 1.0,
+    };
+}
+
+/// The streaming detector for one series with a fixed number of dimensions.
+#[derive(Debug, Clone)]
+pub struct AnomalyDetector {
+    config: AnomalyConfig,
+    dims: usize,
+    /// The last `memory` values, row after row.
+    values: VecDeque<f64>,
+    /// Per dimension: sum and sum of squares of the values in memory (for their scale).
+    sums: Vec<(f64, f64)>,
+    /// Strangeness of the last `calibration` values.
+    calibration: Calibrator,
+    /// Pooled surprise (mean `-ln p` over `pooling` values) of the last `calibration` values:
+    /// overlapping patterns make neighbouring surprises dependent, so the pooled test is ranked
+    /// against its own history rather than trusted to follow a Gamma law.
+    pooled: Calibrator,
+    /// Surprises (`-ln p`) of the last `pooling` values.
+    surprises: VecDeque<f64>,
+    /// Peak evidence of the current incident and values since its last alarm-level value.
+    alarm: Option<(f64, usize)>,
+    /// Scratch: the nearest distances found so far.
+    nearest: Vec<f64>,
+}
+
+impl AnomalyDetector {
+    /// A detector for series of `dims` dimensions. The configuration must be valid.
+    pub fn new(config: AnomalyConfig, dims: usize) -> Self {
+        debug_assert!(config.validate().is_empty());
+        let dims = dims.max(1);
+        Self {
+            values: VecDeque::with_capacity(config.memory * dims),
+            sums: vec![(0.0, 0.0); dims],
+            calibration: Calibrator::new(config.calibration),
+            pooled: Calibrator::new(config.calibration),
+            surprises: VecDeque::with_capacity(config.pooling),
+            alarm: None,
+            nearest: Vec::with_capacity(config.neighbours + 1),
+            dims,
+            config,
+        }
+    }
+
+    /// Values the detector remembers.
+    pub fn len(&self) -> usize {
+        self.values.len() / self.dims
+    }
+
+    /// Whether it has seen nothing yet.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Takes the next value (one number per dimension; non-finite values are skipped and score
+    /// as "still learning") and scores it.
+    pub fn update(&mut self, value: &[f64]) -> Anomaly {
+        if value.len() != self.dims || value.iter().any(|v| !v.is_finite()) {
+            return Anomaly::LEARNING;
+        }
+        self.push(value);
+        let Some(strangeness) = self.strangeness() else {
+            return Anomaly::LEARNING;
+        };
+        let p = self.calibration.p_value(strangeness, self.config.tail);
+        self.calibration.push(strangeness);
+        if self.calibration.len() <= self.config.min_calibration {
+            return Anomaly::LEARNING;
+        }
+        self.surprises.push_back(-p.ln());
+        if self.surprises.len() > self.config.pooling {
+            self.surprises.pop_front();
+        }
+        let mean_surprise = self.surprises.iter().sum::<f64>() / self.surprises.len() as f64;
+        let pooled = if self.config.pooling > 1 && self.pooled.len() > self.config.min_calibration {
+            self.pooled.p_value(mean_surprise, self.config.tail)
+        } else {
+            1.0
+        };
+        self.pooled.push(mean_surprise);
+        // Keeping the better of two tests is a multiple comparison: Bonferroni-correct it, so the
+        // evidence keeps its meaning as a p-value.
+        let tests = if self.config.pooling > 1 { 2.0 } else { 1.0 };
+        let kept = (tests * p.min(pooled)).min(1.0);
+        let evidence = self.one_alarm_per_incident(-kept.max(f64::MIN_POSITIVE).log10());
+        Anomaly {
+            score: evidence / (1.0 + evidence),
+            evidence,
+            p_value: p,
+        }
+    }
+
+    /// The evidence that shows, given the incident state: everything outside an incident, only
+    /// what goes beyond the incident's peak inside one.
+    fn one_alarm_per_incident(&mut self, mut evidence: f64) -> f64 {
+        match &mut self.alarm {
+            Some((peak, since)) if *since < self.config.refractory => {
+                // An incident lasts while alarms keep coming: every alarm-level value restarts the
+                // quiet period, so a long incident is not announced again when its first alarm
+                // expires.
+                *since = if evidence >= self.config.alarm {
+                    0
+                } else {
+                    *since + 1
+                };
+                // The same incident keeps building evidence (the pooled test grows for a while):
+                // only what goes beyond its peak by a whole alarm's worth shows.
+                let beyond = evidence - *peak - self.config.alarm;
+                *peak = peak.max(evidence);
+                evidence = beyond.max(0.0);
+            }
+            _ if evidence >= self.config.alarm => self.alarm = Some((evidence, 0)),
+            _ => self.alarm = None,
+        }
+        evidence
+    }
+
+    fn push(&mut self, value: &[f64]) {
+        if self.len() == self.config.memory {
+            for (d, s) in self.sums.iter_mut().enumerate() {
+                let old = self.values[d];
+                s.0 -= old;
+                s.1 -= old * old;
+            }
+            self.values.drain(..self.dims);
+        }
+        for (s, &v) in self.sums.iter_mut().zip(value) {
+            s.0 += v;
+            s.1 += v * v;
+        }
+        self.values.extend(value.iter().copied());
+    }
+
+    /// Mean distance of the newest pattern to its nearest past patterns, or `None` while too few
+    /// patterns are remembered.
+    fn strangeness(&mut self) -> Option<f64> {
+        let (w, k, dims) = (self.config.pattern, self.config.neighbours, self.dims);
+        let n = self.len();
+        // Past patterns end at j = w-1 ..= n-1-w, so none overlaps the newest (ending at n-1).
+        if n < 2 * w + k {
+            return None;
+        }
+        // Inverse variance per dimension; a constant dimension gets a tiny scale, so any change
+        // in it is far.
+        let inv_var: Vec<f64> = self
+            .sums
+            .iter()
+            .map(|&(s, sq)| {
+                let mean = s / n as f64;
+                let var = (sq / n as f64 - mean * mean).max(0.0);
+                let floor = (1e-6 * mean.abs().max(1e-3)).powi(2);
+                1.0 / var.max(floor)
+            })
+            .collect();
+        let (values, _) = self.values.as_slices();
+        // Contiguous storage makes the inner loop simple; the deque is contiguous most of the time.
+        let owned;
+        let values: &[f64] = if values.len() == self.values.len() {
+            values
+        } else {
+            owned = self.values.iter().copied().collect::<Vec<_>>();
+            &owned
+        };
+        let newest = &values[(n - w) * dims..];
+        self.nearest.clear();
+        let mut worst_kept = f64::INFINITY;
+        for end in (w - 1)..=(n - 1 - w) {
+            let past = &values[(end + 1 - w) * dims..(end + 1) * dims];
+            let mut d2 = 0.0;
+            for (i, (a, b)) in past.iter().zip(newest).enumerate() {
+                let diff = a - b;
+                d2 += diff * diff * inv_var[i % dims];
+                if d2 >= worst_kept {
+                    break;
+                }
+            }
+            if d2 < worst_kept || self.nearest.len() < k {
+                let at = self.nearest.partition_point(|&x| x <= d2);
+                self.nearest.insert(at, d2);
+                self.nearest.truncate(k);
+                if self.nearest.len() == k {
+                    worst_kept = self.nearest[k - 1];
+                }
+            }
+        }
+        let mean = self.nearest.iter().map(|d2| d2.sqrt()).sum::<f64>() / k as f64;
+        Some(mean / ((w * dims) as f64).sqrt())
+    }
+}
+
+/// A bounded window of a statistic's recent values, turning a new value into a tail probability.
+#[derive(Debug, Clone)]
+struct Calibrator {
+    /// The last `cap` values, oldest first.
+    values: VecDeque<f64>,
+    cap: usize,
+}
+
+impl Calibrator {
+    fn new(cap: usize) -> Self {
+        Self {
+            values: VecDeque::with_capacity(cap),
+            cap,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    fn push(&mut self, x: f64) {
+        if self.values.len() == self.cap {
+            self.values.pop_front();
+        }
+        self.values.push_back(x);
+    }
+
+    /// P(a value at least `x` when nothing is happening): its conformal rank, and beyond the top
+    /// `tail` values an exponential tail fitted to their excesses.
+    fn p_value(&self, x: f64, tail: usize) -> f64 {
+        let c = self.values.len();
+        if c == 0 {
+            return 1.0;
+        }
+        let at_least = self.values.iter().filter(|&&s| s >= x).count();
+        let tail = tail.min(c);
+        if at_least >= tail {
+            return (at_least as f64 + 1.0) / (c as f64 + 1.0);
+        }
+        // Beyond the top `tail`: exponential tail over the threshold u (the tail-th largest).
+        let mut top: Vec<f64> = self.values.iter().copied().collect();
+        top.select_nth_unstable_by(c - tail, f64::total_cmp);
+        let u = top[c - tail];
+        let excess: f64 = top[c - tail + 1..].iter().map(|s| s - u).sum::<f64>();
+        let scale = (excess / (tail - 1).max(1) as f64).max(u.abs() * 1e-9 + f64::MIN_POSITIVE);
+        let base = tail as f64 / (c as f64 + 1.0);
+        (base * (-(x - u) / scale).exp()).max(f64::MIN_POSITIVE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(i: usize) -> f64 {
+        // Deterministic pseudo-noise in [-0.5, 0.5).
+        let x = (i as u64)
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((x >> 33) % 1000) as f64 / 1000.0 - 0.5
+    }
+
+    fn seasonal(i: usize) -> f64 {
+        50.0 + 10.0 * (i as f64 * std::f64::consts::TAU / 48.0).sin() + noise(i)
+    }
+
+    fn run(series: impl Iterator<Item = f64>) -> Vec<Anomaly> {
+        let mut d = AnomalyDetector::new(AnomalyConfig::default(), 1);
+        series.map(|v| d.update(&[v])).collect()
+    }
+
+    #[test]
+    fn default_config_is_valid_and_errors_are_all_reported() {
+        assert!(AnomalyConfig::default().validate().is_empty());
+        let bad = AnomalyConfig {
+            pattern: 0,
+            memory: 2,
+            tail: 100,
+            alarm: f64::NAN,
+            ..AnomalyConfig::default()
+        };
+        assert_eq!(bad.validate().len(), 4, "{:?}", bad.validate());
+    }
+
+    #[test]
+    fn a_spike_in_a_seasonal_series_stands_out() {
+        let scores = run((0..2000).map(|i| seasonal(i) + if i == 1500 { 15.0 } else { 0.0 }));
+        let spike = scores[1500].score;
+        let normal = scores[800..1500]
+            .iter()
+            .map(|a| a.score)
+            .fold(0.0, f64::max);
+        assert!(spike > 0.8, "spike scored {spike}");
+        assert!(
+            spike > normal + 0.1,
+            "spike {spike}, normal at most {normal}"
+        );
+    }
+
+    #[test]
+    fn a_seasonal_cycle_that_goes_flat_is_anomalous() {
+        let scores = run((0..2000).map(|i| {
+            if (1500..1600).contains(&i) {
+                50.0
+            } else {
+                seasonal(i)
+            }
+        }));
+        let during = scores[1500..1560]
+            .iter()
+            .map(|a| a.evidence)
+            .fold(0.0, f64::max);
+        let before = scores[800..1500]
+            .iter()
+            .map(|a| a.evidence)
+            .fold(0.0, f64::max);
+        assert!(during > before + 1.0, "flat {during}, normal {before}");
+    }
+
+    #[test]
+    fn one_incident_raises_one_alarm() {
+        // A level shift: many strange values in a row, but after the first alarm they are discounted.
+        let scores = run((0..2000).map(|i| seasonal(i) + if i >= 1500 { 30.0 } else { 0.0 }));
+        let alarms = scores[1500..1800]
+            .iter()
+            .filter(|a| a.evidence >= AnomalyConfig::default().alarm)
+            .count();
+        assert!(alarms >= 1);
+        assert!(alarms <= 3, "{alarms} alarms for one shift");
+    }
+
+    #[test]
+    fn scores_are_in_range_deterministic_and_online() {
+        let series: Vec<f64> = (0..1200).map(seasonal).collect();
+        let a = run(series.iter().copied());
+        let b = run(series.iter().copied());
+        assert_eq!(a, b);
+        // Online: the scores of a prefix do not depend on what comes after it.
+        let prefix = run(series[..700].iter().copied());
+        assert_eq!(&a[..700], &prefix[..]);
+        assert!(a.iter().all(|s| (0.0..1.0).contains(&s.score)));
+        assert!(a[..20].iter().all(|s| s.score == 0.0), "learning at first");
+    }
+
+    #[test]
+    fn a_flat_series_stays_quiet_and_bad_values_are_skipped() {
+        let mut d = AnomalyDetector::new(AnomalyConfig::default(), 2);
+        for _ in 0..500 {
+            assert_eq!(d.update(&[3.0, 7.0]).score, 0.0);
+        }
+        assert_eq!(d.update(&[f64::NAN, 1.0]), Anomaly::LEARNING);
+        assert_eq!(d.update(&[1.0]), Anomaly::LEARNING);
+        assert!(
+            d.update(&[3.0, 9.0]).score > 0.5,
+            "a change in a flat dimension"
+        );
+    }
+
+    #[test]
+    fn a_long_incident_is_announced_once() {
+        // Alarm-level evidence every 200 values, for longer than the 300-value refractory period:
+        // each one restarts the quiet period, so only the first shows; after 300 quiet values a
+        // new incident shows again.
+        let mut d = AnomalyDetector::new(AnomalyConfig::default(), 1);
+        let alarm = AnomalyConfig::default().alarm;
+        let mut shown = Vec::new();
+        for i in 0..1500 {
+            let evidence = if i % 200 == 0 && i < 1000 || i == 1400 {
+                alarm + 0.5
+            } else {
+                0.0
+            };
+            if d.one_alarm_per_incident(evidence) > 0.0 {
+                shown.push(i);
+            }
+        }
+        assert_eq!(shown, [0, 1400]);
+        // A much worse development inside an incident still shows, by its excess over the peak.
+        assert!((d.one_alarm_per_incident(3.0 * alarm + 1.0) - (alarm + 0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn calibration_ranks_then_extrapolates_the_tail() {
+        let mut c = Calibrator::new(100);
+        for i in 0..150 {
+            c.push(f64::from(i % 100));
+        }
+        assert_eq!(c.len(), 100, "bounded");
+        // Within the ranks: 50 of the 100 values are at least 50.
+        assert!((c.p_value(50.0, 10) - 51.0 / 101.0).abs() < 1e-12);
+        // Beyond the top 10 (from 90) the exponential tail takes over: it keeps falling past the
+        // largest value seen, and stays positive.
+        let (p1, p2) = (c.p_value(100.0, 10), c.p_value(200.0, 10));
+        assert!(p1 < 10.0 / 101.0 && p2 < p1 && p2 > 0.0, "{p1} {p2}");
+    }
+}
