@@ -9,6 +9,12 @@ use foresight_tests::nab;
 #[test]
 fn nab_scores_hold_on_the_development_subset() {
     let dir = nab::default_data_dir();
+    assert!(
+        dir.join("combined_windows.json").is_file(),
+        "no NAB data at {} (the evaluation data lives in shared/data/nab beside the checkout; \
+         or set FORESIGHT_NAB_DIR)",
+        dir.display()
+    );
     let config = AnomalyConfig::default();
     let windows = nab::load_windows(&dir.join("combined_windows.json")).unwrap();
     let profiles = nab::load_profiles(&dir.join("profiles.json")).unwrap();
