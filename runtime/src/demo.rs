@@ -268,6 +268,61 @@ pub struct Evaluation {
     pub false_alarm_decisions: usize,
     /// False alarms per entity per day.
     pub false_alarms_per_entity_day: f64,
+    /// Calibration of the scores against what happened: each score's probability against whether
+    /// its entity failed within the score's horizon after it (scores after an entity's failure are
+    /// left out: it had already failed).
+    pub calibration: Calibration,
+}
+
+/// How well probabilities match frequencies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// Scores compared.
+    pub scores: usize,
+    /// Mean squared error of the probability against the outcome (0 or 1): 0 is perfect.
+    pub brier: f64,
+    /// The Brier score of always predicting the observed base rate, for reference.
+    pub brier_base_rate: f64,
+    /// Reliability diagram: for probability bins `[i/10, (i+1)/10)`, (bin, scores in it, mean
+    /// predicted probability, observed failure frequency); empty bins are left out.
+    pub reliability: Vec<(usize, usize, f64, f64)>,
+}
+
+/// Compares each score's probability with whether its entity failed within its horizon.
+pub fn calibration(scores: &[RiskScore], failures: &[FailureReport]) -> Calibration {
+    let mut pairs = Vec::new();
+    for s in scores {
+        let horizon = Delta::seconds(s.horizon_seconds as i64);
+        let mine = || failures.iter().filter(|f| f.entity == s.entity);
+        if mine().any(|f| f.time < s.time) {
+            continue;
+        }
+        let failed = mine().any(|f| f.time <= s.time + horizon);
+        pairs.push((s.probability, if failed { 1.0 } else { 0.0 }));
+    }
+    let n = pairs.len().max(1) as f64;
+    let brier = pairs.iter().map(|(p, y)| (p - y).powi(2)).sum::<f64>() / n;
+    let rate = pairs.iter().map(|(_, y)| y).sum::<f64>() / n;
+    let brier_base_rate = pairs.iter().map(|(_, y)| (rate - y).powi(2)).sum::<f64>() / n;
+    let mut bins = [(0usize, 0.0f64, 0.0f64); 10];
+    for (p, y) in &pairs {
+        let b = ((p * 10.0) as usize).min(9);
+        bins[b].0 += 1;
+        bins[b].1 += p;
+        bins[b].2 += y;
+    }
+    let reliability = bins
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.0 > 0)
+        .map(|(i, b)| (i, b.0, b.1 / b.0 as f64, b.2 / b.0 as f64))
+        .collect();
+    Calibration {
+        scores: pairs.len(),
+        brier,
+        brier_base_rate,
+        reliability,
+    }
 }
 
 /// Compares scores and decisions with the failures that happened. A high-band score or a decision
@@ -316,6 +371,7 @@ pub fn evaluate(
         })
         .count();
     Evaluation {
+        calibration: calibration(scores, failures),
         catches,
         false_alarm_decisions,
         false_alarms_per_entity_day: false_alarm_decisions as f64
@@ -349,5 +405,49 @@ mod tests {
                     .any(|s| s.entity == f.entity && s.time > f.time)
             );
         }
+    }
+
+    #[test]
+    fn calibration_scores_probabilities_against_outcomes() {
+        let t = |m: i64| DateTime::<Utc>::from_timestamp(m * 60, 0).unwrap();
+        let e = EntityId::new("n").unwrap();
+        let score = |minute: i64, p: f64| RiskScore {
+            entity: e.clone(),
+            time: t(minute),
+            window_id: foresight_events::EventId::derive("w", &[&minute.to_le_bytes()]),
+            horizon_seconds: 600,
+            probability: p,
+            lower: p,
+            upper: p,
+            time_to_failure_seconds: None,
+            health: 100.0 * (1.0 - p),
+            band: Band::Low,
+            contributors: Vec::new(),
+            method: foresight_events::ScoreMethod::Prior,
+            model_version: "t".into(),
+        };
+        let failure = FailureReport {
+            entity: e.clone(),
+            time: t(100),
+            kind: "crash".into(),
+            detail: String::new(),
+        };
+        // Certain and right: 0 before the horizon reaches the failure, 1 within it; the score
+        // after the failure is left out.
+        let perfect = [
+            score(0, 0.0),
+            score(50, 0.0),
+            score(95, 1.0),
+            score(120, 0.3),
+        ];
+        let c = calibration(&perfect, std::slice::from_ref(&failure));
+        assert_eq!(c.scores, 3);
+        assert_eq!(c.brier, 0.0);
+        assert!(c.brier_base_rate > 0.2);
+        // Always one half: a Brier score of a quarter, all in one bin.
+        let half = [score(0, 0.5), score(95, 0.5)];
+        let c = calibration(&half, &[failure]);
+        assert!((c.brier - 0.25).abs() < 1e-12);
+        assert_eq!(c.reliability, vec![(5, 2, 0.5, 0.5)]);
     }
 }

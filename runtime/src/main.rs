@@ -397,6 +397,19 @@ fn run_demo(
         "\nFalse alarms: {} decisions about entities that did not fail ({:.2} per entity per day).",
         eval.false_alarm_decisions, eval.false_alarms_per_entity_day
     );
+    let c = &eval.calibration;
+    println!(
+        "\nCalibration over {} scores (failure within the horizon): Brier score {:.4} (always \
+         predicting the base rate: {:.4}). Reliability (predicted -> observed):",
+        c.scores, c.brier, c.brier_base_rate
+    );
+    for (bin, n, predicted, observed) in &c.reliability {
+        println!(
+            "  [{:.1}, {:.1}): {n:>5} scores, mean P {predicted:.3}, failed {observed:.3}",
+            *bin as f64 / 10.0,
+            (*bin + 1) as f64 / 10.0
+        );
+    }
     if let Some(d) = outputs.decisions.first() {
         println!(
             "\nExample decision {}:\n{}",
