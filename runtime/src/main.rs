@@ -205,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Replay {
             inputs,
-            out,
+            out: _,
             anomaly_scores: Some(scores),
             columns,
         } => {
@@ -213,7 +213,6 @@ async fn main() -> anyhow::Result<()> {
             let [input] = inputs.as_slice() else {
                 anyhow::bail!("--anomaly-scores scores one CSV series: give exactly one input");
             };
-            let _ = out;
             let columns = if columns.is_empty() {
                 foresight::anomaly::Columns::AllButFirst
             } else {

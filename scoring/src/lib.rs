@@ -275,6 +275,16 @@ pub enum ScoringConfigError {
     /// A size that must be positive is zero.
     #[error("scoring.{0} must be at least 1")]
     Zero(&'static str),
+    /// A number outside its range.
+    #[error("scoring.{key} must be {rule}, not {value}")]
+    OutOfRange {
+        /// The key.
+        key: &'static str,
+        /// What it must be.
+        rule: &'static str,
+        /// What it is.
+        value: f64,
+    },
 }
 
 impl ScoringConfig {
@@ -322,22 +332,25 @@ impl ScoringConfig {
             && pr.anomaly_full > pr.anomaly_from
             && pr.anomaly_full.is_finite())
         {
-            errors.push(ScoringConfigError::PriorWeight(
-                "anomaly_full (above anomaly_from >= 0; not a probability)",
-                pr.anomaly_full,
-            ));
+            errors.push(ScoringConfigError::OutOfRange {
+                key: "prior.anomaly_full",
+                rule: "finite and above prior.anomaly_from, itself at least 0",
+                value: pr.anomaly_full,
+            });
         }
         if !(pr.changepoint_hazard.is_finite() && pr.changepoint_hazard >= 1.0) {
-            errors.push(ScoringConfigError::PriorWeight(
-                "changepoint_hazard (at least 1)",
-                pr.changepoint_hazard,
-            ));
+            errors.push(ScoringConfigError::OutOfRange {
+                key: "prior.changepoint_hazard",
+                rule: "finite and at least 1",
+                value: pr.changepoint_hazard,
+            });
         }
         if !(self.drift_sigmas.is_finite() && self.drift_sigmas > 0.0) {
-            errors.push(ScoringConfigError::PriorWeight(
-                "drift_sigmas (positive; not a prior weight)",
-                self.drift_sigmas,
-            ));
+            errors.push(ScoringConfigError::OutOfRange {
+                key: "drift_sigmas",
+                rule: "finite and positive",
+                value: self.drift_sigmas,
+            });
         }
         for (name, v) in [
             ("refit_every", self.refit_every),
@@ -475,10 +488,32 @@ impl Scorer {
         stats: &MetricStats,
         partition: i32,
     ) -> &mut Series {
-        let tick = self.tick;
+        let anomaly = &self.config.anomaly;
+        Self::series_in(
+            &mut self.series,
+            self.tick,
+            anomaly,
+            entity,
+            name,
+            stats,
+            partition,
+        )
+    }
+
+    /// [`Scorer::series_mut`] on the map alone, so the rest of the scorer stays usable while
+    /// the series is borrowed.
+    fn series_in<'a>(
+        map: &'a mut HashMap<(EntityId, String), Series>,
+        tick: u64,
+        anomaly: &anomaly::AnomalyConfig,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        partition: i32,
+    ) -> &'a mut Series {
         let key = (entity.clone(), name.to_owned());
-        let series = self.series.entry(key).or_insert_with(|| {
-            let mut detector = anomaly::AnomalyDetector::new(self.config.anomaly.clone(), 1);
+        let series = map.entry(key).or_insert_with(|| {
+            let mut detector = anomaly::AnomalyDetector::new(anomaly.clone(), 1);
             let past = stats.history.len().saturating_sub(1);
             for v in &stats.history[..past] {
                 detector.update(&[*v]);
@@ -615,8 +650,13 @@ impl Scorer {
 
     /// Fits a forecast of `steps` steps to `history`: MSTL when the periodogram finds a season,
     /// else AutoETS; a constant series forecasts itself.
-    fn fit(&mut self, history: &[f64], steps: usize) -> Option<CachedForecast> {
-        self.fits += 1;
+    fn fit(
+        config: &ScoringConfig,
+        model: &AutoETS,
+        z: f64,
+        history: &[f64],
+        steps: usize,
+    ) -> Option<CachedForecast> {
         let done = |points: Vec<f64>, sds: Vec<f64>, model| CachedForecast {
             points,
             sds,
@@ -633,11 +673,11 @@ impl Scorer {
                 .upper
                 .iter()
                 .zip(&iv.lower)
-                .map(|(u, l)| ((u - l) / (2.0 * self.z)).max(0.0))
+                .map(|(u, l)| ((u - l) / (2.0 * z)).max(0.0))
                 .collect();
             Some((forecast.point, sds))
         };
-        let min_season = self.config.min_season;
+        let min_season = config.min_season;
         if min_season >= 2 && history.len() >= 3 * min_season {
             let detector = PeriodogramDetector::builder()
                 .min_period(min_season as u32)
@@ -651,15 +691,15 @@ impl Scorer {
                 let forecast = mstl
                     .fit(history)
                     .ok()
-                    .and_then(|f| f.predict(steps, self.config.level).ok())
+                    .and_then(|f| f.predict(steps, config.level).ok())
                     .and_then(intervals);
                 if let Some((points, sds)) = forecast {
                     return Some(done(points, sds, "MSTL"));
                 }
             }
         }
-        let fitted = self.model.fit(history).ok()?;
-        let (points, sds) = intervals(fitted.predict(steps, self.config.level).ok()?)?;
+        let fitted = model.fit(history).ok()?;
+        let (points, sds) = intervals(fitted.predict(steps, config.level).ok()?)?;
         Some(done(points, sds, "AutoETS"))
     }
 
@@ -682,7 +722,15 @@ impl Scorer {
             return None;
         }
         let newest = *history.last()?;
-        let series = self.series_mut(entity, name, stats, partition);
+        let series = Self::series_in(
+            &mut self.series,
+            self.tick,
+            &self.config.anomaly,
+            entity,
+            name,
+            stats,
+            partition,
+        );
         let cached = series.forecast.take();
         let (refit_every, drift) = (self.config.refit_every, self.config.drift_sigmas);
         let kept = cached.and_then(|mut c| {
@@ -697,7 +745,16 @@ impl Scorer {
         });
         let c = match kept {
             Some(c) => c,
-            None => self.fit(history, steps + refit_every)?,
+            None => {
+                self.fits += 1;
+                Self::fit(
+                    &self.config,
+                    &self.model,
+                    self.z,
+                    history,
+                    steps + refit_every,
+                )?
+            }
         };
         let result = (
             c.points[c.age..c.age + steps].to_vec(),
@@ -705,7 +762,7 @@ impl Scorer {
             c.fitted_on,
             c.model,
         );
-        self.series_mut(entity, name, stats, partition).forecast = Some(c);
+        series.forecast = Some(c);
         Some(result)
     }
 

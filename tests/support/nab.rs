@@ -636,11 +636,13 @@ pub fn foresight_detector(
     config: &foresight_scoring::anomaly::AnomalyConfig,
 ) -> impl Fn(&Path) -> anyhow::Result<(Vec<NaiveDateTime>, Vec<f64>)> + '_ {
     move |path| {
-        let (timestamps, _) = read_series(path)?;
         let file = std::fs::File::open(path).with_context(|| format!("opening {path:?}"))?;
         let rows =
             foresight::anomaly::score_csv(file, &foresight::anomaly::Columns::AllButFirst, config)?;
-        anyhow::ensure!(rows.len() == timestamps.len(), "{path:?}: a score per row");
+        let timestamps = rows
+            .iter()
+            .map(|r| parse_timestamp(&r.timestamp).with_context(|| format!("{path:?}")))
+            .collect::<anyhow::Result<_>>()?;
         Ok((timestamps, rows.into_iter().map(|r| r.score).collect()))
     }
 }
