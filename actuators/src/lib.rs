@@ -1,26 +1,23 @@
-//! Foresight actuators: apply decisions and report what became of them.
-//!
-//! Every action type is dry-run until a user opts in: the [`DryRun`] actuator records what would have
-//! been done as an [`ActuationOutcome`] and changes nothing.
-//!
-//! ```
-//! use foresight_actuators::DryRun;
-//! use foresight_events::{Action, ActionKind, Band, Decision, EntityId, EventId, OutcomeStatus, Origin, Output, Processor};
-//! use chrono::{DateTime, Utc};
-//!
-//! let target = EntityId::new("node-1").unwrap();
-//! let decision = Decision {
-//!     entity: target.clone(), time: DateTime::<Utc>::from_timestamp(0, 0).unwrap(),
-//!     score_id: EventId::derive("example", &[]), probability: 0.9, interval: [0.8, 0.95],
-//!     band: Band::High, policy: "p".into(), rule: "r".into(),
-//!     action: Action { kind: ActionKind::Migrate, target, params: Default::default() },
-//!     reason: "high risk".into(), expected_effect: "moves work".into(), inverse: None,
-//!     alternatives: vec![],
-//! };
-//! let mut out = Vec::new();
-//! DryRun.process(decision, Origin { input: 0, partition: 0, offset: 0 }, &mut out);
-//! assert!(matches!(&out[0], Output::Event(o) if o.status == OutcomeStatus::DryRun));
-//! ```
+#![doc = include_str!("../README.md")]
+
+mod actuate;
+mod command;
+pub mod config;
+mod engine;
+mod error;
+mod kubernetes;
+mod ledger;
+pub mod plan;
+mod webhook;
+
+pub use actuate::{Actuate, AnyActuator, Effect, KillSignal, Operation, Reconciled, Request};
+pub use command::{Command, EXIT_DEFER};
+pub use config::ActuatorsConfig;
+pub use engine::Engine;
+pub use error::ActuatorError;
+pub use kubernetes::Kubernetes;
+pub use ledger::{Entry, Ledger, State, Status};
+pub use webhook::{SOURCE, Webhook, signature};
 
 use foresight_events::{
     ActuationOutcome, Decision, EventData, Origin, OutcomeStatus, Output, Processor,

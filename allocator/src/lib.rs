@@ -1,15 +1,21 @@
-//! Foresight allocator: rules that turn risk scores into decisions.
+//! Foresight allocator: declarative policies that turn risk into safe, explainable allocation
+//! decisions.
 //!
-//! Rules are tried in order; the first whose condition holds and whose entity is not cooling down
-//! fires. Cool-downs run on event time, so the same scores give the same decisions live and in
-//! replay. A score older than the newest one already seen for its entity is stale and never acted on.
+//! The allocator consumes risk scores, the resource pool ([`InventoryUpdate`]s), the dependency
+//! graph ([`DependencyEdge`]s) and confirmed failures ([`FailureReport`]s). It decides one
+//! scoring round at a time (every score with the same event time), highest expected impact
+//! first, so that when capacity is short the most important work gets it. Conditions are CEL
+//! expressions in a YAML [`Policy`]; the safety rules (staleness, hysteresis, cool-downs,
+//! velocity limits, capacity, minimum replicas, the traffic-switch guard) hold whatever the
+//! policy says. Everything runs on event time: the same inputs give the same decisions, ids
+//! included, live and in replay.
 //!
 //! ```
-//! use foresight_allocator::{Allocator, AllocatorConfig};
-//! use foresight_events::{Band, EntityId, Origin, Output, Processor, RiskScore, ScoreMethod, EventId};
+//! use foresight_allocator::{Allocator, AllocatorInput, Policy};
+//! use foresight_events::{Band, EntityId, Inventory, Origin, Output, Processor, RiskScore, ScoreMethod, EventId};
 //! use chrono::{DateTime, Utc};
 //!
-//! let mut allocator = Allocator::new(AllocatorConfig::default()).unwrap();
+//! let mut allocator = Allocator::new(Policy::default(), &Inventory::default(), Default::default()).unwrap();
 //! let score = RiskScore {
 //!     entity: EntityId::new("node-1").unwrap(),
 //!     time: DateTime::<Utc>::from_timestamp(600, 0).unwrap(),
@@ -17,380 +23,1082 @@
 //!     horizon_seconds: 1800, probability: 0.93, lower: 0.88, upper: 0.97,
 //!     time_to_failure_seconds: Some(600), health: 7.0, band: Band::High,
 //!     contributors: vec![], method: ScoreMethod::Prior, model_version: "prior".into(),
+//!     signals: Default::default(), observed: Default::default(), blast_radius: vec![], impact: 1.0, rank: None,
 //! };
 //! let mut out = Vec::new();
-//! allocator.process(score, Origin { input: 0, partition: 0, offset: 0 }, &mut out);
+//! allocator.process(AllocatorInput::Score(score), Origin { input: 0, partition: 0, offset: 0 }, &mut out);
 //! let Output::Event(decision) = &out[0] else { panic!() };
 //! assert_eq!(decision.rule, "migrate-high-risk");
 //! ```
 
-use std::{collections::BTreeMap, collections::HashMap, time::Duration};
+mod expr;
+mod plan;
+mod policy;
+mod pool;
 
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use cel::common::value::Val;
 use chrono::{DateTime, TimeDelta, Utc};
 use foresight_events::{
-    Action, ActionKind, Alternative, Band, Decision, EntityId, EventData, Origin, Output,
-    Processor, RiskScore,
+    Action, ActionKind, Alternative, Band, Decision, DependencyEdge, DependencyGraph, EntityId,
+    ErrorClass, FailureReport, GraphConfig, Inventory, InventoryUpdate, Origin, Output, Processor,
+    Rejection, RiskScore,
 };
 use serde::{Deserialize, Serialize};
 
-/// One rule: when a score meets the condition, take the action.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    /// Name, recorded in every decision the rule makes.
-    pub name: String,
-    /// Fires for scores in this band or above.
-    pub min_band: Band,
-    /// And (optionally) at least this probability.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_probability: Option<f64>,
-    /// What to do.
-    pub action: ActionKind,
-    /// Parameters of the action.
-    #[serde(default)]
-    pub params: BTreeMap<String, serde_json::Value>,
-    /// After firing for an entity, the rule stays quiet for that entity this long (event time).
-    #[serde(with = "humantime_serde", default = "default_cooldown")]
-    pub cooldown: Duration,
-}
+pub use expr::VARIABLES;
+pub use policy::{
+    ActionSpec, Bands, Eviction, Holdout, Limits, Mode, Placement, Policy, PolicyError, Rule,
+    Switch,
+};
 
-fn default_cooldown() -> Duration {
-    Duration::from_secs(30 * 60)
-}
+use expr::{Condition, Obj, Vars};
+use plan::{Ctx, Step, Velocity, Why};
+use pool::Pool;
 
-/// Allocator configuration: one policy of ordered rules.
+/// Allocator configuration (`[allocator]`): where the policy and the initial pool come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllocatorConfig {
-    /// Name of the policy, recorded in every decision.
-    pub policy: String,
-    /// Rules, tried in order.
-    pub rules: Vec<Rule>,
+    /// Policy file (YAML). Without one (and without an inline `policy`), the built-in default
+    /// policy applies: migrate work off high-risk entities, reserve a buffer for moderate ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_file: Option<PathBuf>,
+    /// Inline policy, instead of a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Initial resource pool (YAML or JSON [`Inventory`]); kept current afterwards by inventory
+    /// events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inventory_file: Option<PathBuf>,
+    /// Topic of [`InventoryUpdate`] events read by the live allocator stage (full name, no
+    /// prefix added); none: the pool changes only through the allocator's own decisions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inventory_topic: Option<String>,
+    /// Most scoring rounds held open waiting for their last scores; beyond it the oldest is
+    /// decided with what it has.
+    pub max_open_rounds: usize,
+    /// Most scores in one round; more are refused (dead-lettered as oversize).
+    pub max_round_size: usize,
 }
 
 impl Default for AllocatorConfig {
     fn default() -> Self {
         Self {
-            policy: "default".into(),
-            rules: vec![
-                Rule {
-                    name: "migrate-high-risk".into(),
-                    min_band: Band::High,
-                    min_probability: None,
-                    action: ActionKind::Migrate,
-                    params: BTreeMap::new(),
-                    cooldown: default_cooldown(),
-                },
-                Rule {
-                    name: "reserve-buffer-moderate-risk".into(),
-                    min_band: Band::Moderate,
-                    min_probability: None,
-                    action: ActionKind::ReserveBuffer,
-                    params: BTreeMap::new(),
-                    cooldown: default_cooldown(),
-                },
-            ],
+            policy_file: None,
+            policy: None,
+            inventory_file: None,
+            inventory_topic: None,
+            max_open_rounds: 16,
+            max_round_size: 200_000,
         }
     }
 }
 
-/// An invalid allocator configuration.
+/// Why an allocator could not be set up.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AllocatorConfigError {
-    /// Rule names identify decisions, so they must be unique and non-empty.
-    #[error("allocator.rules[{0}]: name {1:?} is empty or used twice")]
-    RuleName(usize, String),
-    /// Probabilities are in [0, 1].
-    #[error("allocator.rules[{0}] ({1}): min_probability must be within [0, 1]")]
-    Probability(usize, String),
-    /// The policy needs a name.
-    #[error("allocator.policy must not be empty")]
-    PolicyName,
+pub enum AllocatorError {
+    /// The policy is invalid.
+    #[error("policy {file}: {error}")]
+    Policy {
+        /// The policy's file (or `inline`).
+        file: String,
+        /// The problem.
+        error: PolicyError,
+    },
+    /// A file could not be read or parsed.
+    #[error("{file}: {message}")]
+    File {
+        /// The file.
+        file: String,
+        /// The problem.
+        message: String,
+    },
+    /// A configuration value that cannot work.
+    #[error("allocator.{key}: {message}")]
+    Config {
+        /// The key.
+        key: &'static str,
+        /// The problem.
+        message: String,
+    },
 }
 
 impl AllocatorConfig {
-    /// Checks the configuration, reporting every problem.
-    pub fn validate(&self) -> Vec<AllocatorConfigError> {
+    /// Checks the values, reporting every problem (files are read by [`Self::load`]).
+    pub fn validate(&self) -> Vec<AllocatorError> {
         let mut errors = Vec::new();
-        if self.policy.trim().is_empty() {
-            errors.push(AllocatorConfigError::PolicyName);
+        if self.policy.is_some() && self.policy_file.is_some() {
+            errors.push(AllocatorError::Config {
+                key: "policy",
+                message: "give policy_file or an inline policy, not both".into(),
+            });
         }
-        let mut seen = std::collections::HashSet::new();
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.name.trim().is_empty() || !seen.insert(rule.name.as_str()) {
-                errors.push(AllocatorConfigError::RuleName(i, rule.name.clone()));
-            }
-            if rule
-                .min_probability
-                .is_some_and(|p| !(0.0..=1.0).contains(&p))
-            {
-                errors.push(AllocatorConfigError::Probability(i, rule.name.clone()));
-            }
+        if let Some(p) = &self.policy {
+            errors.extend(
+                p.validate()
+                    .into_iter()
+                    .map(|error| AllocatorError::Policy {
+                        file: "allocator.policy".into(),
+                        error,
+                    }),
+            );
+        }
+        if self.max_open_rounds == 0 {
+            errors.push(AllocatorError::Config {
+                key: "max_open_rounds",
+                message: "must be at least 1".into(),
+            });
+        }
+        if self.max_round_size == 0 {
+            errors.push(AllocatorError::Config {
+                key: "max_round_size",
+                message: "must be at least 1".into(),
+            });
         }
         errors
     }
-}
 
-/// The inverse of an action, for rollback; `None` for actions with nothing to undo.
-pub fn inverse(action: &Action) -> Option<Action> {
-    let kind = match action.kind {
-        ActionKind::ScaleUp => ActionKind::ScaleBack,
-        ActionKind::ScaleBack => ActionKind::ScaleUp,
-        ActionKind::Monitor | ActionKind::NoOp => return None,
-        other => other,
-    };
-    let mut params = action.params.clone();
-    params.insert(
-        "revert".into(),
-        serde_json::Value::String(action.kind.as_str().into()),
-    );
-    Some(Action {
-        kind,
-        target: action.target.clone(),
-        params,
-    })
-}
-
-fn expected_effect(kind: ActionKind) -> &'static str {
-    match kind {
-        ActionKind::Migrate => "work moves off the at-risk entity before it fails",
-        ActionKind::ScaleUp => "added capacity absorbs the loss of the at-risk entity",
-        ActionKind::ScaleBack => "less load on the at-risk entity slows its degradation",
-        ActionKind::ReserveBuffer => {
-            "healthy nodes keep room to take over the at-risk entity's work"
+    /// Reads the policy and the inventory (files, inline or built-in).
+    pub fn load(&self) -> Result<(Policy, Inventory), Vec<AllocatorError>> {
+        let mut errors = self.validate();
+        let policy = match (&self.policy, &self.policy_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(text) => match Policy::from_yaml(&text) {
+                    Ok(p) => Some(p),
+                    Err(es) => {
+                        errors.extend(es.into_iter().map(|error| AllocatorError::Policy {
+                            file: file.display().to_string(),
+                            error,
+                        }));
+                        None
+                    }
+                },
+                Err(e) => {
+                    errors.push(AllocatorError::File {
+                        file: file.display().to_string(),
+                        message: e.to_string(),
+                    });
+                    None
+                }
+            },
+            (None, None) => Some(Policy::default()),
+        };
+        let inventory = match &self.inventory_file {
+            None => Some(Inventory::default()),
+            Some(file) => match std::fs::read_to_string(file)
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_inventory(&t))
+            {
+                Ok(i) => Some(i),
+                Err(message) => {
+                    errors.push(AllocatorError::File {
+                        file: file.display().to_string(),
+                        message,
+                    });
+                    None
+                }
+            },
+        };
+        match (policy, inventory) {
+            (Some(p), Some(i)) if errors.is_empty() => Ok((p, i)),
+            _ => Err(errors),
         }
-        ActionKind::PreProvisionStandby => "a standby is ready to take over if the entity fails",
-        ActionKind::TransferState => "the standby holds current state",
-        ActionKind::RegisterTrafficSwitch => "traffic can switch to the standby at once",
-        ActionKind::SwitchTraffic => "traffic is served by the standby",
-        ActionKind::SwapVirtual => "a virtual component takes the failing one's place",
-        ActionKind::ScheduleRepair => "the component is repaired or replaced before it fails",
-        ActionKind::AdjustBandwidth => "I/O pressure on the at-risk entity drops",
-        ActionKind::RaiseLimits => "future executions get the resources they lacked",
-        ActionKind::PrioritiseQueue => "the failing code's requests are served first",
-        ActionKind::Evict => "lower-priority work frees room for critical work",
-        ActionKind::Monitor => "the entity is watched more closely",
-        ActionKind::NoOp => "nothing changes",
     }
 }
 
-/// The rule-based allocator: [`RiskScore`] in, [`Decision`] out.
+/// Parses an inventory from YAML (JSON is YAML too), checking its resources.
+pub fn parse_inventory(text: &str) -> Result<Inventory, String> {
+    let inv: Inventory = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    for n in &inv.nodes {
+        if !n.capacity.is_valid() || n.virtual_requests.is_some_and(|v| !v.is_valid()) {
+            return Err(format!("node {}: resources must be finite and >= 0", n.id));
+        }
+    }
+    for w in &inv.workloads {
+        if !w.requests.is_valid() || w.min_replicas > w.max_replicas || w.splittable == 0 {
+            return Err(format!(
+                "workload {}: requests must be finite and >= 0, min_replicas <= max_replicas, \
+                 splittable >= 1",
+                w.id
+            ));
+        }
+    }
+    Ok(inv)
+}
+
+/// What the allocator consumes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AllocatorInput {
+    /// A risk score.
+    Score(RiskScore),
+    /// A change to the resource pool.
+    Inventory(InventoryUpdate),
+    /// Calls seen in traces: an edge of the dependency graph.
+    Edge(DependencyEdge),
+    /// A confirmed failure: may trigger a traffic switch.
+    Failure(FailureReport),
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+struct Compiled {
+    condition: Condition,
+}
+
+/// What the allocator remembers of one entity.
+#[derive(Debug, Clone, Default)]
+struct EntityState {
+    /// Time of the newest score seen: older ones are stale.
+    newest: Option<DateTime<Utc>>,
+    /// Band with hysteresis.
+    band: Option<Band>,
+    /// Last rule that acted, and until when rules at or below it stay quiet.
+    quiet: Option<(usize, DateTime<Utc>)>,
+    /// A failure has been reported (and not followed by a healthy score).
+    failed: bool,
+    /// Its latest score, for decisions triggered by a failure report.
+    latest: Option<RiskScore>,
+}
+
+/// One scoring round waiting for its scores: the latest score per entity (a redelivered one
+/// replaces the first). Decided in priority order, so arrival order does not matter.
+#[derive(Debug, Default)]
+struct Round {
+    scores: Vec<RiskScore>,
+    index: HashMap<EntityId, usize>,
+    /// Scores the round holds when complete (from their ranks).
+    of: usize,
+}
+
+/// The CEL environment (which does not implement `Debug`).
+struct CelEnv(Arc<cel::Env>);
+
+impl std::fmt::Debug for CelEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CelEnv")
+    }
+}
+
+/// The policy allocator: [`AllocatorInput`] in, [`Decision`]s out.
 #[derive(Debug)]
 pub struct Allocator {
-    config: AllocatorConfig,
-    /// Newest score time per entity: older scores are stale.
-    newest: HashMap<EntityId, DateTime<Utc>>,
-    /// When each (entity, rule) last fired.
-    fired: HashMap<(EntityId, usize), DateTime<Utc>>,
+    policy: Policy,
+    rules: Vec<Compiled>,
+    env: CelEnv,
+    /// Variables and nested fields some condition reads: only those are built.
+    uses: BTreeSet<String>,
+    /// Whether some condition reads `pool` (rebuilt after every change to the pool if so).
+    uses_pool: bool,
+    pool: Pool,
+    graph: DependencyGraph,
+    /// Looked up, never iterated: a hash map keeps the per-score cost down and cannot make the
+    /// output depend on its order.
+    entities: HashMap<EntityId, EntityState>,
+    velocity: Velocity,
+    rounds: BTreeMap<DateTime<Utc>, Round>,
+    /// Newest round decided: a score for an older time arrives late.
+    decided_through: Option<DateTime<Utc>>,
+    /// Newest event time seen.
+    watermark: Option<DateTime<Utc>>,
+    max_open_rounds: usize,
+    max_round_size: usize,
 }
 
 impl Allocator {
-    /// An allocator with the given policy.
-    pub fn new(config: AllocatorConfig) -> Result<Self, Vec<AllocatorConfigError>> {
-        let errors = config.validate();
-        if !errors.is_empty() {
-            return Err(errors);
+    /// An allocator with `policy`, starting from `inventory` and the declared dependencies.
+    pub fn new(
+        policy: Policy,
+        inventory: &Inventory,
+        graph: GraphConfig,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let conditions = policy.compile()?;
+        let mut uses = expr::words(conditions.iter().map(Condition::source));
+        for c in &conditions {
+            uses.extend(c.variables());
         }
+        let defaults = AllocatorConfig::default();
         Ok(Self {
-            config,
-            newest: HashMap::new(),
-            fired: HashMap::new(),
+            rules: conditions
+                .into_iter()
+                .map(|condition| Compiled { condition })
+                .collect(),
+            policy,
+            env: CelEnv(expr::env()),
+            uses_pool: uses.contains("pool"),
+            uses,
+            pool: Pool::new(inventory),
+            graph: DependencyGraph::new(graph),
+            entities: HashMap::new(),
+            velocity: Velocity::default(),
+            rounds: BTreeMap::new(),
+            decided_through: None,
+            watermark: None,
+            max_open_rounds: defaults.max_open_rounds,
+            max_round_size: defaults.max_round_size,
         })
     }
 
-    fn matches(rule: &Rule, score: &RiskScore) -> bool {
-        score.band >= rule.min_band && rule.min_probability.is_none_or(|p| score.probability >= p)
+    /// An allocator from its configuration (reads the policy and inventory files).
+    pub fn from_config(
+        config: &AllocatorConfig,
+        graph: GraphConfig,
+    ) -> Result<Self, Vec<AllocatorError>> {
+        let (policy, inventory) = config.load()?;
+        let mut a = Self::new(policy, &inventory, graph).map_err(|es| {
+            es.into_iter()
+                .map(|error| AllocatorError::Policy {
+                    file: "policy".into(),
+                    error,
+                })
+                .collect::<Vec<_>>()
+        })?;
+        a.max_open_rounds = config.max_open_rounds.max(1);
+        a.max_round_size = config.max_round_size.max(1);
+        Ok(a)
     }
-}
 
-impl Processor for Allocator {
-    type Input = RiskScore;
-    type Output = Decision;
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
 
-    fn process(&mut self, score: RiskScore, _origin: Origin, out: &mut Vec<Output<Decision>>) {
-        let newest = self
-            .newest
-            .entry(score.entity.clone())
-            .or_insert(score.time);
-        if score.time < *newest {
-            return; // Stale: a newer score of this entity has been seen.
+    /// Checks the safety invariants on the allocator's view of the pool: no node holds more
+    /// than its capacity, no workload runs below its minimum replicas. They hold after every
+    /// input when the declared inventory satisfied them (the property tests check this).
+    pub fn check_pool(&self) -> Result<(), String> {
+        self.pool.within_capacity()?;
+        for w in self.pool.workloads.values() {
+            let declared = w.spec.replicas.len() as f64;
+            let floor = f64::from(w.spec.min_replicas).min(declared);
+            if w.replicas() < floor - 1e-9 {
+                return Err(format!(
+                    "{} runs {} replicas, below its minimum of {}",
+                    w.spec.id,
+                    w.replicas(),
+                    w.spec.min_replicas
+                ));
+            }
         }
-        *newest = score.time;
+        Ok(())
+    }
 
-        let mut chosen = None;
-        let mut alternatives = Vec::new();
-        for (i, rule) in self.config.rules.iter().enumerate() {
-            if !Self::matches(rule, &score) {
+    fn score(&mut self, score: RiskScore, out: &mut Vec<Output<Decision>>) {
+        self.watermark = Some(self.watermark.map_or(score.time, |w| w.max(score.time)));
+        let late = self.decided_through.is_some_and(|d| score.time <= d);
+        let Some(rank) = score.rank.filter(|_| !late) else {
+            // Unranked (no fleet stage upstream) or late for its round: a round of its own.
+            return self.decide(vec![score], out);
+        };
+        let time = score.time;
+        let round = self.rounds.entry(time).or_default();
+        match round.index.get(&score.entity) {
+            Some(&k) => round.scores[k] = score,
+            None if round.scores.len() >= self.max_round_size => {
+                out.push(Output::Rejected(Rejection::new(
+                    ErrorClass::Oversize,
+                    format!(
+                        "round {time} already holds {} scores, the most allowed",
+                        self.max_round_size
+                    ),
+                )));
+                return;
+            }
+            None => {
+                round.index.insert(score.entity.clone(), round.scores.len());
+                round.scores.push(score);
+            }
+        }
+        round.of = round.of.max(rank.of as usize);
+        // Rounds are decided in time order, each once it is complete: the fleet stage emits
+        // whole rounds, so a missing score is one still on its way from another partition (a
+        // later round completing first says nothing about it). Only the bound on open rounds
+        // decides a round with what it has.
+        while let Some((&t, r)) = self.rounds.iter().next() {
+            if r.scores.len() < r.of {
+                break;
+            }
+            self.close(t, out);
+        }
+        while self.rounds.len() > self.max_open_rounds {
+            let oldest = *self.rounds.keys().next().expect("not empty");
+            self.close(oldest, out);
+        }
+    }
+
+    fn close(&mut self, time: DateTime<Utc>, out: &mut Vec<Output<Decision>>) {
+        if let Some(round) = self.rounds.remove(&time) {
+            self.decided_through = Some(self.decided_through.map_or(time, |d| d.max(time)));
+            self.decide(round.scores, out);
+        }
+    }
+
+    fn band(&self, prior: Option<Band>, p: f64) -> Band {
+        let b = &self.policy.bands;
+        let raw = if p >= b.high {
+            Band::High
+        } else if p >= b.moderate {
+            Band::Moderate
+        } else {
+            Band::Low
+        };
+        // Falling out of a band needs the margin.
+        match prior {
+            Some(Band::High) if p >= b.high - b.margin => Band::High,
+            Some(Band::High | Band::Moderate) if raw == Band::Low && p >= b.moderate - b.margin => {
+                Band::Moderate
+            }
+            _ => raw,
+        }
+    }
+
+    fn entity_priority(&self, s: &RiskScore) -> f64 {
+        let critical = match self.pool.workloads.get(&s.entity) {
+            Some(w) => w.spec.critical,
+            None => self
+                .pool
+                .workloads_on(&s.entity)
+                .iter()
+                .any(|w| w.spec.critical),
+        };
+        let p = s.priority();
+        if critical {
+            p * self.policy.criticality_weight
+        } else {
+            p
+        }
+    }
+
+    /// Decides one round.
+    fn decide(&mut self, scores: Vec<RiskScore>, out: &mut Vec<Output<Decision>>) {
+        let stale_after = TimeDelta::from_std(self.policy.stale_after).unwrap_or(TimeDelta::MAX);
+        let watermark = self.watermark;
+        // Fresh scores only; their entities' risk and bands are updated before anything is
+        // decided, so placements avoid every node this round found at risk.
+        let mut fresh: Vec<usize> = Vec::with_capacity(scores.len());
+        for (k, s) in scores.iter().enumerate() {
+            let prior = self.entities.get(&s.entity).and_then(|st| st.band);
+            let band = self.band(prior, s.probability);
+            let state = self.entities.entry(s.entity.clone()).or_default();
+            let stale_entity = state.newest.is_some_and(|n| s.time < n);
+            let stale_time = watermark.is_some_and(|w| s.time < w - stale_after);
+            if stale_entity || stale_time || !s.probability.is_finite() {
                 continue;
             }
-            let action = Action {
-                kind: rule.action,
-                target: score.entity.clone(),
-                params: rule.params.clone(),
-            };
-            let cooling = self
-                .fired
-                .get(&(score.entity.clone(), i))
-                .is_some_and(|last| {
-                    score.time - *last
-                        < TimeDelta::from_std(rule.cooldown).unwrap_or(TimeDelta::MAX)
-                });
-            match (&chosen, cooling) {
-                (None, false) => chosen = Some((i, action)),
-                (None, true) => alternatives.push(Alternative {
-                    action,
-                    rejected_because: format!(
-                        "rule {} fired for this entity less than {} ago",
-                        rule.name,
-                        humantime::format_duration(rule.cooldown)
-                    ),
-                }),
-                (Some((winner, _)), _) => alternatives.push(Alternative {
-                    action,
-                    rejected_because: format!(
-                        "rule {} comes first in policy {}",
-                        self.config.rules[*winner].name, self.config.policy
-                    ),
-                }),
+            state.newest = Some(s.time);
+            state.band = Some(band);
+            if s.probability < self.policy.bands.moderate {
+                state.failed = false;
             }
+            if let Some(n) = self.pool.nodes.get_mut(&s.entity) {
+                n.risk = s.probability;
+            }
+            fresh.push(k);
         }
-        let Some((i, action)) = chosen else {
+        let Some(now) = fresh.iter().map(|k| scores[*k].time).max() else {
             return;
         };
-        let rule = &self.config.rules[i];
-        self.fired.insert((score.entity.clone(), i), score.time);
-        let reason = format!(
-            "{} risk: P(failure within {}) = {:.3} [{:.3}, {:.3}]{}; rule {} requires band >= {}{}",
+        self.pool.reindex();
+        self.pool.expire(now);
+        self.graph.expire(now);
+        // Indices, sorted: the scores themselves are large and stay where they are.
+        let mut ranked: Vec<(f64, usize)> = fresh
+            .into_iter()
+            .map(|k| (self.entity_priority(&scores[k]), k))
+            .collect();
+        ranked.sort_by(|a, b| {
+            let (sa, sb) = (&scores[a.1], &scores[b.1]);
+            b.0.total_cmp(&a.0)
+                .then_with(|| sb.probability.total_cmp(&sa.probability))
+                .then_with(|| sa.entity.cmp(&sb.entity))
+        });
+        let size = ranked.len();
+        let mut reports = 0u32;
+        let mut pool_val: Option<Box<dyn Val>> = None;
+        for (position, (_, k)) in ranked.iter().enumerate() {
+            if pool_val.is_none() && self.uses_pool {
+                pool_val = Some(self.pool_value());
+            }
+            let changed = self.decide_one(
+                &scores[*k],
+                (position + 1, size),
+                pool_val.as_deref(),
+                &mut reports,
+                out,
+            );
+            if changed {
+                pool_val = None;
+            }
+        }
+        // Kept for decisions a failure report triggers later.
+        let mut decided = vec![false; scores.len()];
+        for (_, k) in ranked {
+            decided[k] = true;
+        }
+        for (s, decided) in scores.into_iter().zip(decided) {
+            if decided && let Some(st) = self.entities.get_mut(&s.entity) {
+                st.latest = Some(s);
+            }
+        }
+    }
+
+    /// The decision for an entity in the randomised hold-out: nothing, with what would have been
+    /// done as the alternatives and the propensity recorded.
+    fn hold_out(
+        &mut self,
+        score: &RiskScore,
+        band: Band,
+        rule: &Rule,
+        i: usize,
+        (position, size): (usize, usize),
+        out: &mut Vec<Output<Decision>>,
+    ) {
+        let share = self.policy.holdout.share;
+        let why = format!(
+            "entity in the randomised hold-out (propensity {share}): no action, so that what \
+             follows measures the risk without mitigation"
+        );
+        let alternatives = rule
+            .actions
+            .iter()
+            .map(|a| Alternative {
+                action: Action {
+                    kind: a.kind,
+                    target: score.entity.clone(),
+                    params: a.params.clone(),
+                },
+                rejected_because: why.clone(),
+            })
+            .collect();
+        if let Some(st) = self.entities.get_mut(&score.entity) {
+            let cooldown = TimeDelta::from_std(self.policy.cooldown).unwrap_or(TimeDelta::MAX);
+            st.quiet = Some((i, score.time + cooldown));
+        }
+        let reason = self.reason(score, band, rule, i, position, size);
+        out.push(Output::Event(Decision {
+            entity: score.entity.clone(),
+            time: score.time,
+            score_id: foresight_events::EventData::id(score),
+            probability: score.probability,
+            interval: [score.lower, score.upper],
+            band,
+            policy: self.policy.name.clone(),
+            rule: rule.name.clone(),
+            action: Action {
+                kind: ActionKind::NoOp,
+                target: score.entity.clone(),
+                params: BTreeMap::from([
+                    ("reason".into(), serde_json::Value::String(why.clone())),
+                    ("holdout".into(), serde_json::Value::Bool(true)),
+                    ("propensity".into(), serde_json::json!(share)),
+                ]),
+            },
+            reason,
+            expected_effect: "nothing changes: held out for evaluation".into(),
+            inverse: None,
+            alternatives,
+        }));
+    }
+
+    /// Evaluates the rules for one score and carries out the first that holds. Returns whether
+    /// the pool changed.
+    fn decide_one(
+        &mut self,
+        score: &RiskScore,
+        (position, size): (usize, usize),
+        pool: Option<&dyn Val>,
+        reports: &mut u32,
+        out: &mut Vec<Output<Decision>>,
+    ) -> bool {
+        let (band, quiet, failed) = self
+            .entities
+            .get(&score.entity)
+            .map_or((None, None, false), |s| (s.band, s.quiet, s.failed));
+        let band = band.unwrap_or(Band::Low);
+        let (fired, others) = {
+            let src = Src {
+                a: self,
+                score,
+                band,
+                failed,
+                position,
+                size,
+            };
+            let vars = Vars::new(&src, pool);
+            let mut fired = None;
+            let mut others = Vec::new();
+            for (i, rule) in self.rules.iter().enumerate() {
+                let holds = rule.condition.holds(&self.env.0, &vars);
+                match (holds, fired) {
+                    (Ok(true), None) => fired = Some(i),
+                    (Ok(true), Some(_)) => others.push(i),
+                    // A condition that cannot be evaluated for this score does not hold (e.g.
+                    // a signal the score lacks).
+                    _ => {}
+                }
+                // Alternatives are only worth evaluating when something fires; stop early
+                // once two rules are known.
+                if fired.is_some() && others.len() >= 2 {
+                    break;
+                }
+            }
+            (fired, others)
+        };
+        let Some(i) = fired else {
+            return false;
+        };
+        if let Some((quiet_rule, until)) = quiet
+            && score.time < until
+            && i >= quiet_rule
+        {
+            return false;
+        }
+        let rule = self.policy.rules[i].clone();
+        let acts = rule
+            .actions
+            .iter()
+            .any(|a| !matches!(a.kind, ActionKind::Monitor | ActionKind::NoOp));
+        if acts && self.policy.holdout.holds_out(&score.entity, score.time) {
+            self.hold_out(score, band, &rule, i, (position, size), out);
+            return false;
+        }
+        let group = self.group_of(&score.entity);
+        let mut ctx = Ctx {
+            pool: &mut self.pool,
+            graph: &self.graph,
+            policy: &self.policy,
+            velocity: &mut self.velocity,
+            score,
+            failed,
+            group,
+        };
+        let mut steps: Vec<Step> = Vec::new();
+        let mut lost: Vec<Alternative> = Vec::new();
+        let mut deferred = false;
+        for spec in &rule.actions {
+            if rule.mode == Mode::First && !steps.is_empty() {
+                lost.push(Alternative {
+                    action: Action {
+                        kind: spec.kind,
+                        target: score.entity.clone(),
+                        params: spec.params.clone(),
+                    },
+                    rejected_because: format!(
+                        "an earlier action of rule {} could be carried out",
+                        rule.name
+                    ),
+                });
+                continue;
+            }
+            match ctx.plan(spec) {
+                Ok(mut s) => steps.append(&mut s),
+                Err(why) => {
+                    deferred |= matches!(why, Why::Deferred(_));
+                    lost.push(Alternative {
+                        action: Action {
+                            kind: spec.kind,
+                            target: score.entity.clone(),
+                            params: spec.params.clone(),
+                        },
+                        rejected_because: why.text().to_owned(),
+                    });
+                }
+            }
+        }
+        for j in &others {
+            let r = &self.policy.rules[*j];
+            if let Some(a) = r.actions.first() {
+                lost.push(Alternative {
+                    action: Action {
+                        kind: a.kind,
+                        target: score.entity.clone(),
+                        params: a.params.clone(),
+                    },
+                    rejected_because: format!(
+                        "rule {} comes first in policy {}",
+                        rule.name, self.policy.name
+                    ),
+                });
+            }
+        }
+        let changed = steps
+            .iter()
+            .any(|s| !matches!(s.action.kind, ActionKind::Monitor | ActionKind::NoOp));
+        let reason = self.reason(score, band, &rule, i, position, size);
+        if steps.is_empty() {
+            // Could not act: say so (bounded per round) and try again later.
+            if *reports >= self.policy.limits.max_reports_per_round {
+                return false;
+            }
+            *reports += 1;
+            if !deferred && let Some(st) = self.entities.get_mut(&score.entity) {
+                let retry = TimeDelta::from_std(self.policy.retry_after).unwrap_or(TimeDelta::MAX);
+                st.quiet = Some((i, score.time + retry));
+            }
+            let why = lost
+                .first()
+                .map(|a| a.rejected_because.clone())
+                .unwrap_or_default();
+            steps.push(Step {
+                action: Action {
+                    kind: ActionKind::NoOp,
+                    target: score.entity.clone(),
+                    params: BTreeMap::from([(
+                        "reason".into(),
+                        serde_json::Value::String(why.clone()),
+                    )]),
+                },
+                effect: format!("nothing changes: {why}"),
+                inverse: None,
+                considered: Vec::new(),
+            });
+        } else if !deferred && let Some(st) = self.entities.get_mut(&score.entity) {
+            let cooldown = TimeDelta::from_std(self.policy.cooldown).unwrap_or(TimeDelta::MAX);
+            st.quiet = Some((i, score.time + cooldown));
+        }
+        // One decision per step; the rule's lost actions go with the first.
+        let mut seen = BTreeSet::new();
+        for (k, step) in steps.into_iter().enumerate() {
+            let mut alternatives = step.considered;
+            if k == 0 {
+                alternatives.append(&mut lost);
+            }
+            alternatives.truncate(8);
+            // Each (kind, target) once per score: the id must stay distinct.
+            if !seen.insert((step.action.kind, step.action.target.clone())) {
+                continue;
+            }
+            out.push(Output::Event(Decision {
+                entity: score.entity.clone(),
+                time: score.time,
+                score_id: foresight_events::EventData::id(score),
+                probability: score.probability,
+                interval: [score.lower, score.upper],
+                band: score.band,
+                policy: self.policy.name.clone(),
+                rule: rule.name.clone(),
+                inverse: step.inverse,
+                expected_effect: step.effect,
+                action: step.action,
+                reason: reason.clone(),
+                alternatives,
+            }));
+        }
+        changed
+    }
+
+    fn reason(
+        &self,
+        score: &RiskScore,
+        band: Band,
+        rule: &Rule,
+        i: usize,
+        position: usize,
+        size: usize,
+    ) -> String {
+        format!(
+            "{} risk (held band {}): P(failure within {}) = {:.3} [{:.3}, {:.3}], impact {:.2}, \
+             priority {:.3}, ranked {position} of {size} in its round{}; rule {} (#{}) holds: {}",
             score.band.as_str(),
+            band.as_str(),
             humantime::format_duration(Duration::from_secs(score.horizon_seconds)),
             score.probability,
             score.lower,
             score.upper,
+            score.impact,
+            score.priority(),
             score
                 .contributors
                 .first()
                 .map(|c| format!(" ({})", c.detail))
                 .unwrap_or_default(),
             rule.name,
-            rule.min_band.as_str(),
-            rule.min_probability
-                .map(|p| format!(" and P >= {p}"))
-                .unwrap_or_default(),
-        );
-        out.push(Output::Event(Decision {
-            entity: score.entity.clone(),
-            time: score.time,
-            score_id: score.id(),
-            probability: score.probability,
-            interval: [score.lower, score.upper],
-            band: score.band,
-            policy: self.config.policy.clone(),
-            rule: rule.name.clone(),
-            inverse: inverse(&action),
-            expected_effect: expected_effect(action.kind).into(),
-            action,
-            reason,
-            alternatives,
-        }));
+            i + 1,
+            rule.when,
+        )
+    }
+
+    fn group_of(&self, e: &EntityId) -> String {
+        if let Some(n) = self.pool.nodes.get(e) {
+            return n.spec.group().to_owned();
+        }
+        self.pool
+            .workloads
+            .get(e)
+            .and_then(|w| w.placements.first())
+            .and_then(|p| self.pool.nodes.get(&p.node))
+            .map_or_else(|| "default".to_owned(), |n| n.spec.group().to_owned())
+    }
+
+    fn pool_value(&self) -> Box<dyn Val> {
+        let mut free = foresight_events::Resources::default();
+        let mut cap = foresight_events::Resources::default();
+        let mut secondary = foresight_events::Resources::default();
+        let (mut nodes, mut healthy) = (0i64, 0i64);
+        for n in self.pool.nodes.values() {
+            nodes += 1;
+            let f = n.free();
+            if n.spec.environment == foresight_events::Environment::Secondary {
+                secondary = secondary.plus(&f);
+                continue;
+            }
+            free = free.plus(&f);
+            cap = cap.plus(&n.spec.capacity);
+            if n.risk <= self.policy.placement.max_target_risk {
+                healthy += 1;
+            }
+        }
+        let pct = |f: f64, c: f64| if c > 0.0 { 100.0 * f / c } else { 0.0 };
+        Obj::with_capacity(12)
+            .int("nodes", nodes)
+            .int("healthy_nodes", healthy)
+            .num("free_cpu", free.cpu)
+            .num("free_memory", free.memory)
+            .num("free_storage", free.storage)
+            .num("free_bandwidth", free.bandwidth)
+            .num("free_cpu_pct", pct(free.cpu, cap.cpu))
+            .num("free_memory_pct", pct(free.memory, cap.memory))
+            .num("secondary_free_cpu", secondary.cpu)
+            .num("secondary_free_memory", secondary.memory)
+            .int("spares", self.pool.spares.len() as i64)
+            .int("standbys", self.pool.standbys.len() as i64)
+            .build()
+    }
+
+    fn related<'a>(&'a self, e: &'a EntityId, critical: bool) -> Box<dyn Val + 'a> {
+        let risk = self
+            .entities
+            .get(e)
+            .and_then(|s| s.latest.as_ref())
+            .map_or(0.0, |s| s.probability);
+        Obj::with_capacity(5)
+            .str("entity", e.as_str())
+            .bool("critical", critical)
+            .num("risk", risk)
+            .bool("has_standby", self.pool.standbys.contains_key(e))
+            .bool(
+                "known",
+                self.pool.nodes.contains_key(e) || self.pool.workloads.contains_key(e),
+            )
+            .build()
+    }
+
+    fn entity_value<'a>(&'a self, e: &'a EntityId, failed: bool) -> Box<dyn Val + 'a> {
+        let standby = self.pool.standbys.get(e);
+        let mut o = Obj::with_capacity(28)
+            .str("id", e.as_str())
+            .bool("failed", failed)
+            .bool("has_standby", standby.is_some())
+            .bool("switch_registered", standby.is_some_and(|s| s.registered))
+            .bool("switched", standby.is_some_and(|s| s.switched))
+            .bool("has_buffer", self.pool.buffers.contains_key(e))
+            .bool("swapped", self.pool.virtuals.contains_key(e))
+            .bool("repair_scheduled", self.pool.repairs.contains_key(e));
+        if let Some(n) = self.pool.nodes.get(e) {
+            let on = self.pool.workloads_on(e);
+            let free = n.free();
+            let c = n.spec.capacity;
+            let pct = |used: f64, cap: f64| if cap > 0.0 { 100.0 * used / cap } else { 0.0 };
+            o = o
+                .str("type", "node")
+                .bool("known", true)
+                .str("kind", &n.spec.kind)
+                .str("environment", n.spec.environment.as_str())
+                .str("zone", &n.spec.zone)
+                .str("group", n.spec.group())
+                .int("workloads", on.len() as i64)
+                .int(
+                    "critical_workloads",
+                    on.iter().filter(|w| w.spec.critical).count() as i64,
+                )
+                .int(
+                    "priority",
+                    i64::from(on.iter().map(|w| w.spec.priority).max().unwrap_or(0)),
+                )
+                .bool("critical", on.iter().any(|w| w.spec.critical))
+                .bool("virtualizable", n.spec.virtual_requests.is_some())
+                .int(
+                    "spares",
+                    self.pool
+                        .spares
+                        .values()
+                        .filter(|s| s.kind == n.spec.kind)
+                        .count() as i64,
+                )
+                .num("risk", n.risk)
+                .num("free_cpu", free.cpu)
+                .num("free_memory", free.memory)
+                .num("cpu_used_pct", pct(n.used.cpu, c.cpu))
+                .num("memory_used_pct", pct(n.used.memory, c.memory));
+        } else if let Some(w) = self.pool.workloads.get(e) {
+            o = o
+                .str("type", "workload")
+                .bool("known", true)
+                .str("kind", &w.spec.kind)
+                .int("priority", i64::from(w.spec.priority))
+                .bool("critical", w.spec.critical)
+                .num("replicas", w.replicas())
+                .int("min_replicas", i64::from(w.spec.min_replicas))
+                .int("max_replicas", i64::from(w.spec.max_replicas))
+                .int("splittable", i64::from(w.spec.splittable))
+                .bool("stateful", w.spec.stateful)
+                .int("queue_priority", i64::from(w.spec.queue_priority))
+                .num("cpu", w.spec.requests.cpu)
+                .num("memory", w.spec.requests.memory);
+        } else {
+            o = o
+                .str("type", "unknown")
+                .bool("known", false)
+                .str("kind", "")
+                .int("priority", 0)
+                .bool("critical", false)
+                .int("workloads", 0);
+        }
+        o.build()
+    }
+
+    fn failure(&mut self, f: FailureReport, out: &mut Vec<Output<Decision>>) {
+        let state = self.entities.entry(f.entity.clone()).or_default();
+        state.failed = true;
+        // Decide again on the latest score, now that the failure is confirmed; a score too old
+        // by the failure's time is stale and not acted on.
+        let Some(latest) = state.latest.clone() else {
+            return;
+        };
+        let stale_after = TimeDelta::from_std(self.policy.stale_after).unwrap_or(TimeDelta::MAX);
+        if latest.time < f.time - stale_after {
+            return;
+        }
+        // The failure may release a cool-down: a switch is a new step, never quieted by the
+        // decisions that prepared it.
+        state.quiet = None;
+        let pool = self.uses_pool.then(|| self.pool_value());
+        let mut reports = 0;
+        self.decide_one(&latest, (1, 1), pool.as_deref(), &mut reports, out);
+    }
+}
+
+/// What the variables of one evaluation are built from.
+struct Src<'a> {
+    a: &'a Allocator,
+    score: &'a RiskScore,
+    band: Band,
+    failed: bool,
+    position: usize,
+    size: usize,
+}
+
+impl<'a> expr::Build<'a> for Src<'a> {
+    fn build(&self, var: expr::Var) -> Option<Box<dyn Val + 'a>> {
+        let (a, score, u) = (self.a, self.score, &self.a.uses);
+        Some(match var {
+            expr::Var::Band => expr::string(self.band.as_str()),
+            expr::Var::Score => {
+                let critical = score.blast_radius.iter().filter(|d| d.critical).count();
+                let mut o = Obj::with_capacity(20)
+                    .str("entity", score.entity.as_str())
+                    .num("probability", score.probability)
+                    .num("lower", score.lower)
+                    .num("upper", score.upper)
+                    .str("band", score.band.as_str())
+                    .num("health", score.health)
+                    .int("horizon_seconds", score.horizon_seconds as i64)
+                    .num("impact", score.impact)
+                    .num("priority", score.priority())
+                    .int("critical_dependants", critical as i64)
+                    .int("dependants", score.blast_radius.len() as i64)
+                    .int(
+                        "rank",
+                        score
+                            .rank
+                            .map_or(self.position as i64, |r| i64::from(r.position)),
+                    )
+                    .str("model_version", &score.model_version);
+                o = match score.time_to_failure_seconds {
+                    Some(t) => o.int("time_to_failure_seconds", t as i64),
+                    None => o.null("time_to_failure_seconds"),
+                };
+                if u.contains("signals") {
+                    o = o.numbers(
+                        "signals",
+                        score.signals.iter().map(|(k, v)| (k.as_str(), *v)),
+                    );
+                }
+                if u.contains("observed") {
+                    o = o.numbers(
+                        "observed",
+                        score.observed.iter().map(|(k, v)| (k.as_str(), *v)),
+                    );
+                }
+                if u.contains("blast_radius") {
+                    o = o.val(
+                        "blast_radius",
+                        expr::list(
+                            score
+                                .blast_radius
+                                .iter()
+                                .map(|d| {
+                                    Obj::with_capacity(3)
+                                        .str("entity", d.entity.as_str())
+                                        .int("depth", i64::from(d.depth))
+                                        .bool("critical", d.critical)
+                                        .build()
+                                })
+                                .collect(),
+                        ),
+                    );
+                }
+                o.build()
+            }
+            expr::Var::Entity => a.entity_value(&score.entity, self.failed),
+            expr::Var::Deps => expr::list(
+                a.graph
+                    .dependencies_of(&score.entity)
+                    .map(|(d, critical)| a.related(d, critical))
+                    .collect(),
+            ),
+            expr::Var::Dependants => expr::list(
+                a.graph
+                    .dependents_of(&score.entity)
+                    .map(|(d, e)| a.related(d, e.critical))
+                    .collect(),
+            ),
+            expr::Var::Round => Obj::with_capacity(2)
+                .int("position", self.position as i64)
+                .int("size", self.size as i64)
+                .build(),
+        })
+    }
+}
+
+impl Processor for Allocator {
+    type Input = AllocatorInput;
+    type Output = Decision;
+
+    fn process(&mut self, input: AllocatorInput, _origin: Origin, out: &mut Vec<Output<Decision>>) {
+        match input {
+            AllocatorInput::Score(s) => self.score(s, out),
+            AllocatorInput::Inventory(u) => self.pool.apply(&u.change),
+            AllocatorInput::Edge(e) => self.graph.observe(&e),
+            AllocatorInput::Failure(f) => self.failure(f, out),
+        }
+    }
+
+    /// Decides every round still waiting for scores.
+    fn flush(&mut self, out: &mut Vec<Output<Decision>>) {
+        let open: Vec<DateTime<Utc>> = self.rounds.keys().copied().collect();
+        for t in open {
+            self.close(t, out);
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use foresight_events::{EventId, ScoreMethod};
-
-    use super::*;
-
-    fn score(entity: &str, minute: i64, p: f64) -> RiskScore {
-        let bands = |p: f64| {
-            if p >= 0.7 {
-                Band::High
-            } else if p >= 0.3 {
-                Band::Moderate
-            } else {
-                Band::Low
-            }
-        };
-        RiskScore {
-            entity: EntityId::new(entity).unwrap(),
-            time: DateTime::from_timestamp(minute * 60, 0).unwrap(),
-            window_id: EventId::derive("w", &[entity.as_bytes(), &minute.to_le_bytes()]),
-            horizon_seconds: 1800,
-            probability: p,
-            lower: p,
-            upper: p,
-            time_to_failure_seconds: None,
-            health: 100.0 * (1.0 - p),
-            band: bands(p),
-            contributors: vec![],
-            method: ScoreMethod::Prior,
-            model_version: "t".into(),
-        }
-    }
-
-    fn decide(a: &mut Allocator, s: RiskScore) -> Option<Decision> {
-        let mut out = Vec::new();
-        a.process(
-            s,
-            Origin {
-                input: 0,
-                partition: 0,
-                offset: 0,
-            },
-            &mut out,
-        );
-        out.into_iter().find_map(|o| match o {
-            Output::Event(d) => Some(d),
-            Output::Rejected(_) => None,
-        })
-    }
-
-    #[test]
-    fn first_matching_rule_wins_and_others_are_explained() {
-        let mut a = Allocator::new(AllocatorConfig::default()).unwrap();
-        let d = decide(&mut a, score("n", 0, 0.9)).unwrap();
-        assert_eq!(d.action.kind, ActionKind::Migrate);
-        assert_eq!(d.alternatives.len(), 1);
-        assert_eq!(d.alternatives[0].action.kind, ActionKind::ReserveBuffer);
-        assert!(d.inverse.is_some());
-        assert!(
-            decide(&mut a, score("n", 1, 0.1)).is_none(),
-            "low risk: nothing to do"
-        );
-    }
-
-    #[test]
-    fn cooldown_and_staleness_hold_back_repeats() {
-        let mut a = Allocator::new(AllocatorConfig::default()).unwrap();
-        assert!(decide(&mut a, score("n", 0, 0.9)).is_some());
-        // Within the cool-down the high rule is quiet; the moderate rule may still act.
-        let d = decide(&mut a, score("n", 5, 0.9)).unwrap();
-        assert_eq!(d.action.kind, ActionKind::ReserveBuffer);
-        assert!(decide(&mut a, score("n", 10, 0.9)).is_none());
-        assert!(decide(&mut a, score("n", 3, 0.95)).is_none(), "stale score");
-        assert!(
-            decide(&mut a, score("n", 31, 0.9)).is_some(),
-            "cool-down over"
-        );
-    }
-
-    #[test]
-    fn same_scores_same_decisions() {
-        let run = || {
-            let mut a = Allocator::new(AllocatorConfig::default()).unwrap();
-            (0..50)
-                .filter_map(|m| decide(&mut a, score("n", m, (m as f64 / 50.0).min(1.0))))
-                .map(|d| (d.id(), d))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(), run());
-    }
-
-    #[test]
-    fn duplicate_rule_names_are_refused() {
-        let mut cfg = AllocatorConfig::default();
-        cfg.rules[1].name = cfg.rules[0].name.clone();
-        cfg.rules[1].min_probability = Some(2.0);
-        assert_eq!(Allocator::new(cfg).unwrap_err().len(), 2);
-    }
-}
+mod tests;

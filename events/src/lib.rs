@@ -6,6 +6,8 @@
 
 mod dead_letter;
 mod envelope;
+mod graph;
+mod inventory;
 mod stage;
 mod types;
 
@@ -18,11 +20,17 @@ pub use dead_letter::{DeadLetter, ErrorClass};
 pub use envelope::{
     CLOUDEVENTS_CONTENT_TYPE, EnvelopeError, Event, EventData, EventId, OutgoingMessage, Routed,
 };
+pub use graph::{
+    DeclaredDependency, DependencyGraph, Dependent, EdgeInfo, GraphConfig, GraphConfigError,
+};
+pub use inventory::{
+    Environment, Inventory, InventoryChange, InventoryUpdate, Node, Resources, Spare, Workload,
+};
 pub use stage::{InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError};
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
     FailureReport, FeatureWindow, LogEvent, LogStats, MetricKind, MetricSample, MetricStats,
-    OutcomeStatus, RiskScore, ScoreMethod, Severity, Telemetry,
+    OutcomeStatus, Rank, RiskScore, ScoreMethod, Severity, Telemetry,
 };
 
 /// Longest entity id accepted.

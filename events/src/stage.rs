@@ -80,6 +80,23 @@ pub trait Processor {
     /// End of input (replay only): emits whatever open state would have produced.
     fn flush(&mut self, _out: &mut Vec<Output<Self::Output>>) {}
 
+    /// Whether the processor wants [`Processor::assigned`] and [`Processor::idle`] (the live
+    /// runtime then asks the broker where each partition ends, which costs a request each time
+    /// one is caught up).
+    fn watches_partitions(&self) -> bool {
+        false
+    }
+
+    /// Partition `partition` of the inputs was assigned to this instance (live only, before any
+    /// of its input). Processors that wait for every input partition (event-time watermarks)
+    /// start waiting for it.
+    fn assigned(&mut self, _partition: i32) {}
+
+    /// This instance has read everything there is on partition `partition` of its first input
+    /// for now (live only): a watermark need not wait for it until it delivers again. May emit
+    /// what becomes ready.
+    fn idle(&mut self, _partition: i32, _out: &mut Vec<Output<Self::Output>>) {}
+
     /// Partition `partition` (of every input: inputs are co-partitioned by entity) was revoked
     /// from this instance: drop the state it owns.
     fn forget_partition(&mut self, _partition: i32) {}

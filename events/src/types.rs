@@ -350,6 +350,48 @@ pub struct RiskScore {
     pub method: ScoreMethod,
     /// Version of the model (or prior) that computed it.
     pub model_version: String,
+    /// Strength of every signal kind the scorer evaluates (`forecast_breach`, `anomaly`,
+    /// `changepoint`, `logs`, `peer_outlier`, `dependency`), 0 when silent: the inputs of the
+    /// learned failure model, recorded so that it can be trained from the audit log.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub signals: BTreeMap<String, f64>,
+    /// The window's mean of every metric scored, as the scorer saw it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub observed: BTreeMap<String, f64>,
+    /// Components that depend on this one (directly or through others), nearest first: affected
+    /// if it fails. Empty until the fleet stage has seen the dependency graph.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blast_radius: Vec<crate::Dependent>,
+    /// Expected impact of a failure: 1 for the component itself plus a weight per dependent
+    /// (the fleet stage's configuration says how much a critical and a non-critical one count).
+    #[serde(default = "unit_impact")]
+    pub impact: f64,
+    /// The score's place in its scoring round (every score of the fleet for one window end),
+    /// ranked by [`RiskScore::priority`]; set by the fleet stage, so a consumer reading the
+    /// round from several partitions knows when it has all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<Rank>,
+}
+
+/// A score's place in its round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rank {
+    /// 1 for the highest priority.
+    pub position: u32,
+    /// Scores in the round.
+    pub of: u32,
+}
+
+fn unit_impact() -> f64 {
+    1.0
+}
+
+impl RiskScore {
+    /// What the allocator ranks by: probability x impact.
+    pub fn priority(&self) -> f64 {
+        self.probability * self.impact
+    }
 }
 
 impl EventData for RiskScore {
@@ -499,6 +541,9 @@ impl EventData for Decision {
     fn time(&self) -> DateTime<Utc> {
         self.time
     }
+    /// Score, policy, rule, and the action's kind and target: one score can yield several
+    /// decisions (e.g. one migration per workload on a failing node), each with its own id, and a
+    /// re-decided score yields the same ids.
     fn id(&self) -> EventId {
         EventId::derive(
             Self::KIND,
@@ -506,6 +551,8 @@ impl EventData for Decision {
                 self.score_id.as_bytes(),
                 self.policy.as_bytes(),
                 self.rule.as_bytes(),
+                self.action.kind.as_str().as_bytes(),
+                self.action.target.as_str().as_bytes(),
             ],
         )
     }

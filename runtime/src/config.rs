@@ -9,6 +9,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use foresight_actuators::ActuatorsConfig;
 use foresight_allocator::AllocatorConfig;
 use foresight_features::FeaturesConfig;
 use foresight_ingest::{IngestConfig, Signal};
@@ -92,6 +93,9 @@ pub struct RunnerConfig {
     /// Longest the recorder waits to fill a batch.
     #[serde(with = "humantime_serde")]
     pub recorder_linger: Duration,
+    /// Share of low-band scores the recorder keeps (chosen by event id, so the same scores in
+    /// every replay). Moderate and high scores, and everything else, are always recorded.
+    pub recorder_score_sample: f64,
 }
 
 impl Default for RunnerConfig {
@@ -103,6 +107,7 @@ impl Default for RunnerConfig {
             drain_timeout: Duration::from_secs(10),
             recorder_batch: 1000,
             recorder_linger: Duration::from_millis(50),
+            recorder_score_sample: 1.0,
         }
     }
 }
@@ -147,9 +152,18 @@ pub struct Config {
     /// Risk scoring.
     #[serde(default)]
     pub scoring: ScoringConfig,
+    /// The dependency graph: declared dependencies (observed ones come from traces).
+    #[serde(default)]
+    pub graph: foresight_events::GraphConfig,
     /// Allocation policy.
     #[serde(default)]
     pub allocator: AllocatorConfig,
+    /// Actuation: actuators per action type, modes per policy, limits, kill switch.
+    #[serde(default)]
+    pub actuators: ActuatorsConfig,
+    /// Training of the failure model (`foresight train`): data window, hold-out, promotion.
+    #[serde(default)]
+    pub training: crate::train::TrainingConfig,
 }
 
 /// One configuration problem, with the key it is about.
@@ -172,7 +186,7 @@ impl std::fmt::Display for ConfigIssue {
 #[error("{} configuration error(s):\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigIssue>);
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 11] = [
     "kafka",
     "postgres",
     "runner",
@@ -180,7 +194,10 @@ const SECTIONS: [&str; 8] = [
     "sources",
     "features",
     "scoring",
+    "graph",
     "allocator",
+    "actuators",
+    "training",
 ];
 
 impl Config {
@@ -277,7 +294,10 @@ impl Config {
             sources: section(figment, "sources", &mut issues),
             features: section(figment, "features", &mut issues),
             scoring: section(figment, "scoring", &mut issues),
+            graph: section(figment, "graph", &mut issues),
             allocator: section(figment, "allocator", &mut issues),
+            actuators: section(figment, "actuators", &mut issues),
+            training: section(figment, "training", &mut issues),
         };
         // Values that parsed but cannot work, in the sections that parsed (a section that did not
         // parse holds defaults, which would only add noise).
@@ -329,6 +349,15 @@ impl Config {
         if self.runner.recorder_batch == 0 {
             add("runner.recorder_batch", "must be at least 1".into());
         }
+        if !(0.0..=1.0).contains(&self.runner.recorder_score_sample) {
+            add(
+                "runner.recorder_score_sample",
+                format!(
+                    "must be between 0 and 1, not {}",
+                    self.runner.recorder_score_sample
+                ),
+            );
+        }
         if let Err(e) = self.features.validate() {
             add("features", e.to_string());
         }
@@ -337,6 +366,12 @@ impl Config {
         }
         for e in self.allocator.validate() {
             add("allocator", e.to_string());
+        }
+        for e in self.actuators.validate() {
+            add(&format!("actuators.{}", e.key), e.message);
+        }
+        for (key, message) in self.training.validate() {
+            add(&format!("training.{key}"), message);
         }
         issues
     }

@@ -425,6 +425,11 @@ mod tests {
             contributors: Vec::new(),
             method: foresight_events::ScoreMethod::Prior,
             model_version: "t".into(),
+            signals: Default::default(),
+            observed: Default::default(),
+            blast_radius: vec![],
+            impact: 1.0,
+            rank: None,
         };
         let failure = FailureReport {
             entity: e.clone(),

@@ -30,7 +30,9 @@ pub struct Topics {
     pub failures: String,
     /// Internal, publicly readable: feature windows.
     pub features: String,
-    /// Internal, publicly readable: risk scores.
+    /// Internal: per-entity risk scores, before the fleet stage.
+    pub entity_scores: String,
+    /// Public: risk scores, fleet-aware (peers, dependencies) and ranked.
     pub scores: String,
     /// Internal, publicly readable: caller -> callee edges from traces.
     pub dependencies: String,
@@ -52,6 +54,7 @@ impl Topics {
             traces: t("telemetry.traces"),
             failures: t("failures"),
             features: t("features"),
+            entity_scores: t("entity-scores"),
             scores: t("scores"),
             dependencies: t("dependencies"),
             decisions: t("decisions"),
@@ -61,13 +64,14 @@ impl Topics {
     }
 
     /// Every topic.
-    pub fn all(&self) -> [&str; 10] {
+    pub fn all(&self) -> [&str; 11] {
         [
             &self.metrics,
             &self.logs,
             &self.traces,
             &self.failures,
             &self.features,
+            &self.entity_scores,
             &self.scores,
             &self.dependencies,
             &self.decisions,
@@ -92,13 +96,26 @@ pub(crate) fn consumer(
     config: &KafkaConfig,
     group: &str,
 ) -> Result<StreamConsumer<RebalanceContext>, KafkaError> {
+    consumer_with(config, group, false)
+}
+
+/// [`consumer`], optionally reporting the end of each partition (`KafkaError::PartitionEOF`),
+/// which the stage runner uses to tell processors a partition is caught up.
+pub(crate) fn consumer_with(
+    config: &KafkaConfig,
+    group: &str,
+    partition_eof: bool,
+) -> Result<StreamConsumer<RebalanceContext>, KafkaError> {
     let mut c = base(config);
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set(
+            "enable.partition.eof",
+            if partition_eof { "true" } else { "false" },
+        );
     // Session and heartbeat stay at librdkafka's defaults (45 s / 3 s): a broker busy serving
     // large fetches can answer heartbeats late, and a short session then evicts a healthy
     // consumer over and over.
@@ -150,12 +167,18 @@ pub async fn create_topics(config: &KafkaConfig, topics: &Topics) -> Result<(), 
 #[derive(Debug, Default)]
 pub(crate) struct RebalanceContext {
     revoked: Mutex<Vec<(String, i32)>>,
+    assigned: Mutex<Vec<(String, i32)>>,
 }
 
 impl RebalanceContext {
     /// Partitions revoked since the last call.
     pub(crate) fn take_revoked(&self) -> Vec<(String, i32)> {
         std::mem::take(&mut *self.revoked.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Partitions assigned since the last call.
+    pub(crate) fn take_assigned(&self) -> Vec<(String, i32)> {
+        std::mem::take(&mut *self.assigned.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -183,6 +206,10 @@ impl ConsumerContext for RebalanceContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 tracing::info!(?partitions, "Partitions assigned.");
+                self.assigned
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(partitions);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
         }

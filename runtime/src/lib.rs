@@ -3,7 +3,9 @@
 //!
 //! The data flow, top-down, is in [`pipeline`].
 
+pub mod actuator;
 pub mod anomaly;
+pub mod audit;
 mod checkpoint;
 pub mod config;
 pub mod db;
@@ -11,9 +13,11 @@ pub mod demo;
 pub mod kafka;
 mod offsets;
 pub mod pipeline;
+pub mod policy;
 pub mod recorder;
 pub mod replay;
 pub mod runner;
+pub mod train;
 
 use anyhow::Context as _;
 use tokio::task::JoinSet;
@@ -49,8 +53,14 @@ pub async fn run_stages_observed(
                 config.kafka.brokers
             )
         })?;
-    // The recorder writes the audit log; the feature stage checkpoints its windows.
-    let pool = if stages.contains(&Stage::Recorder) || stages.contains(&Stage::Features) {
+    // The recorder writes the audit log; the feature and fleet stages checkpoint their state
+    // (the fleet stage also follows the promoted failure model); the actuator claims decisions
+    // in its ledger.
+    let pool = if stages.contains(&Stage::Recorder)
+        || stages.contains(&Stage::Features)
+        || stages.contains(&Stage::Fleet)
+        || stages.contains(&Stage::Actuator)
+    {
         Some(
             db::connect(&config.postgres)
                 .await

@@ -81,6 +81,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', requires = "anomaly_scores")]
         columns: Vec<String>,
     },
+    /// Allocation policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -88,11 +93,68 @@ enum Command {
     },
     /// Create the pipeline's topics on the broker (idempotent).
     Topics,
+    /// Apply a decision that waits for approval (its policy is in `propose` mode). The kill
+    /// switch and the group's limits still apply.
+    Approve {
+        /// The decision's id.
+        decision_id: foresight_events::EventId,
+    },
+    /// Undo an applied (or failed) action: apply its decision's recorded inverse.
+    Rollback {
+        /// The decision's id.
+        decision_id: foresight_events::EventId,
+        /// Why, for the outcome.
+        #[arg(long, default_value = "requested by hand")]
+        reason: String,
+    },
+    /// The global kill switch of actuation.
+    Actuation {
+        #[command(subcommand)]
+        command: ActuationCommand,
+    },
+    /// Train the failure model on the recorded scores and failure reports, compare it with the
+    /// model in use on a time-based hold-out, record it in Postgres (table `models`) and promote
+    /// it if it is not worse. Not promoting, or too few labels yet, is a normal outcome (exit 0).
+    Train(foresight::train::TrainArgs),
+    /// The audit log's tamper evidence.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Write the JSON Schemas of the public events.
     Schema {
         /// Directory to write them to.
         #[arg(long, default_value = "docs/schemas")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk every hash chain of the audit log and name the first broken row of each broken
+    /// chain. Exits non-zero if any chain is broken.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file (every error with its location) and, with --scores, print what it
+    /// would decide on those scores (one line per decision, the alternatives it rejected below).
+    /// Exits non-zero if the policy is invalid.
+    Check {
+        /// The policy (YAML).
+        file: PathBuf,
+        /// Scores to decide on: one per line, event envelopes (as in a replay's scores.jsonl) or
+        /// bare RiskScore JSON; failure reports and inventory updates may be interleaved.
+        #[arg(long)]
+        scores: Option<PathBuf>,
+        /// The resource pool (YAML or JSON inventory); default: the configuration's
+        /// allocator.inventory_file, else an empty pool.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// Print the decisions as JSON lines instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -105,6 +167,20 @@ enum ConfigCommand {
     },
     /// Print the effective configuration as TOML-compatible JSON.
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+enum ActuationCommand {
+    /// Stop all actuation (every instance, within a second); decisions are deferred meanwhile.
+    Stop {
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume actuation.
+    Start,
+    /// Show the kill switch and the actuation ledger's counts.
+    Status,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +359,125 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Approve { decision_id } => {
+            by_hand(
+                &load(cli.config.as_ref())?,
+                foresight::actuator::ByHand::Approve(decision_id),
+            )
+            .await
+        }
+        Command::Rollback {
+            decision_id,
+            reason,
+        } => {
+            by_hand(
+                &load(cli.config.as_ref())?,
+                foresight::actuator::ByHand::Rollback(decision_id, reason),
+            )
+            .await
+        }
+        Command::Actuation { command } => {
+            let change = match command {
+                ActuationCommand::Stop { reason } => Some((true, reason)),
+                ActuationCommand::Start => Some((false, String::new())),
+                ActuationCommand::Status => None,
+            };
+            let text = foresight::actuator::switch(&load(cli.config.as_ref())?, change).await?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let config = load(cli.config.as_ref())?;
+            let pool = foresight::db::connect(&config.postgres)
+                .await
+                .context("connecting to Postgres; is it up? (deploy/dev/stack.sh up)")?;
+            let started = std::time::Instant::now();
+            let v = foresight::audit::verify(&pool).await?;
+            println!(
+                "{} rows in {} chains checked in {:.1}s: {}",
+                v.rows,
+                v.chains,
+                started.elapsed().as_secs_f64(),
+                if v.breaks.is_empty() {
+                    "intact"
+                } else {
+                    "BROKEN"
+                }
+            );
+            for b in &v.breaks {
+                println!("  {b}");
+            }
+            if v.breaks.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} chain(s) broken", v.breaks.len())
+            }
+        }
+        Command::Train(args) => {
+            let config = load(cli.config.as_ref())?;
+            let (training, window) = args
+                .apply(&config.training, chrono::Utc::now())
+                .map_err(anyhow::Error::msg)?;
+            let pool = foresight::db::connect(&config.postgres)
+                .await
+                .context("connecting to Postgres; is it up? (deploy/dev/stack.sh up)")?;
+            let threshold = foresight::train::operating_threshold(&config);
+            let report = foresight::train::train(&pool, &training, threshold, window).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Check {
+                    file,
+                    scores,
+                    inventory,
+                    json,
+                },
+        } => {
+            let config = load(cli.config.as_ref())?;
+            let inventory = match inventory.or(config.allocator.inventory_file.clone()) {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    foresight_allocator::parse_inventory(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
+                None => Default::default(),
+            };
+            let report = foresight::policy::check(
+                &file,
+                scores.as_deref(),
+                &inventory,
+                config.graph.clone(),
+            )?;
+            if json {
+                for d in &report.decisions {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+                for e in &report.errors {
+                    eprintln!("error: {e}");
+                }
+            } else {
+                print!("{}", foresight::policy::render(&report));
+            }
+            if !report.errors.is_empty() {
+                anyhow::bail!("{} problem(s) in {}", report.errors.len(), file.display());
+            }
+            eprintln!(
+                "Policy {} is valid; {} decision(s) on {} input(s).",
+                file.display(),
+                report.decisions.len(),
+                report.inputs
+            );
+            Ok(())
+        }
         Command::Schema { out } => {
             std::fs::create_dir_all(&out)?;
             for (kind, schema) in foresight_events::public_schemas() {
@@ -293,6 +488,19 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn by_hand(config: &Config, what: foresight::actuator::ByHand) -> anyhow::Result<()> {
+    for o in foresight::actuator::by_hand(config, what).await? {
+        println!(
+            "{} {} {}: {}",
+            o.decision_id,
+            o.actuator,
+            o.status.as_str(),
+            o.detail
+        );
+    }
+    Ok(())
 }
 
 fn run_demo(

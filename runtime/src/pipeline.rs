@@ -3,7 +3,8 @@
 //! ```text
 //! telemetry (metrics, logs, traces; native, OTLP, Prometheus)
 //!   --ingest+features--> feature windows (+ dependency edges)
-//!   --scoring--> risk scores --allocator--> decisions --actuator--> outcomes
+//!   --scoring--> per-entity scores --fleet (+ edges)--> ranked risk scores
+//!   --allocator--> decisions --actuator--> outcomes
 //! decisions, outcomes, scores, failures --recorder--> Postgres
 //! ```
 //!
@@ -12,14 +13,17 @@
 
 use chrono::{DateTime, Utc};
 use foresight_actuators::DryRun;
-use foresight_allocator::Allocator;
+use foresight_allocator::{Allocator, AllocatorInput};
 use foresight_events::{
     ActuationOutcome, DeadLetter, Decision, DependencyEdge, EnvelopeError, ErrorClass, Event,
     EventData, FeatureWindow, Origin, Output, Processor, Rejection, RiskScore, Telemetry,
 };
 use foresight_features::{FeaturesOutput, WindowProcessor};
 use foresight_ingest::{Decoder, Format, Signal};
-use foresight_scoring::Scorer;
+use foresight_scoring::{
+    Scorer,
+    fleet::{Fleet, FleetInput},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -34,8 +38,10 @@ use crate::{
 pub enum Stage {
     /// Telemetry -> feature windows (ingest decoding included).
     Features,
-    /// Feature windows -> risk scores.
+    /// Feature windows -> per-entity risk scores.
     Scoring,
+    /// Per-entity scores and dependency edges -> fleet-aware, ranked risk scores (one instance).
+    Fleet,
     /// Risk scores -> decisions.
     Allocator,
     /// Decisions -> outcomes.
@@ -46,9 +52,10 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in data-flow order.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Features,
         Stage::Scoring,
+        Stage::Fleet,
         Stage::Allocator,
         Stage::Actuator,
         Stage::Recorder,
@@ -59,6 +66,7 @@ impl Stage {
         match self {
             Stage::Features => "features",
             Stage::Scoring => "scoring",
+            Stage::Fleet => "fleet",
             Stage::Allocator => "allocator",
             Stage::Actuator => "actuator",
             Stage::Recorder => "recorder",
@@ -69,7 +77,7 @@ impl Stage {
 /// Live counters of every stage of a process.
 #[derive(Debug, Default)]
 pub struct Observer {
-    stages: [Progress; 5],
+    stages: [Progress; 6],
 }
 
 impl Observer {
@@ -109,6 +117,8 @@ pub struct Processors {
     pub features: WindowProcessor,
     /// Scorer.
     pub scorer: Scorer,
+    /// Fleet stage.
+    pub fleet: Fleet,
     /// Allocator.
     pub allocator: Allocator,
     /// Actuator.
@@ -130,12 +140,23 @@ impl Processors {
                 stage: "scoring",
                 message: join(e),
             })?,
-            allocator: Allocator::new(config.allocator.clone()).map_err(|e| {
-                BuildError::Config {
+            fleet: {
+                let mut fleet = config.scoring.fleet.clone();
+                // One window of slack unless configured.
+                fleet.lateness.get_or_insert(config.features.window);
+                Fleet::new(fleet, config.scoring.bands.clone(), config.graph.clone()).map_err(
+                    |e| BuildError::Config {
+                        stage: "fleet",
+                        message: join(e),
+                    },
+                )?
+            },
+            allocator: Allocator::from_config(&config.allocator, config.graph.clone()).map_err(
+                |e| BuildError::Config {
                     stage: "allocator",
                     message: join(e),
-                }
-            })?,
+                },
+            )?,
             actuator: DryRun,
         })
     }
@@ -194,6 +215,26 @@ fn events<T: EventData + Send + 'static>(topic: &str) -> Vec<Input<T>> {
     }]
 }
 
+/// Decodes each of `inputs` into a stage's input enum (a stage with several input types).
+fn as_input<T: Send + 'static, U: Send + 'static>(
+    inputs: Vec<Input<T>>,
+    wrap: fn(T) -> U,
+) -> Vec<Input<U>> {
+    inputs
+        .into_iter()
+        .map(|mut i| {
+            let decode: Decode<U> = Box::new(move |m| {
+                let (items, rejections) = (i.decode)(m);
+                (items.into_iter().map(wrap).collect(), rejections)
+            });
+            Input {
+                topic: i.topic,
+                decode,
+            }
+        })
+        .collect()
+}
+
 fn live<P: Processor>(
     name: &'static str,
     inputs: Vec<Input<P::Input>>,
@@ -209,6 +250,7 @@ fn live<P: Processor>(
         dead_letters: topics.dead_letters.clone(),
         processor,
         cpu_heavy,
+        control: None,
     }
 }
 
@@ -236,18 +278,62 @@ pub async fn run_stage(
         Stage::Scoring => {
             let inputs = events::<FeatureWindow>(&t.features);
             // Scoring fits a model per metric per window: CPU-heavy.
-            let s = live("scoring", inputs, &[&t.scores], &t, p.scorer, true);
+            let s = live("scoring", inputs, &[&t.entity_scores], &t, p.scorer, true);
             runner::run(s, k, r, progress, shutdown, None).await?
         }
+        Stage::Fleet => {
+            // One instance: it compares peers and follows dependencies across the whole fleet.
+            // Its input partitions are watched together (event-time watermark over them).
+            let mut inputs = as_input(events::<RiskScore>(&t.entity_scores), FleetInput::Score);
+            inputs.extend(as_input(
+                events::<DependencyEdge>(&t.dependencies),
+                FleetInput::Edge,
+            ));
+            let mut s = live("fleet", inputs, &[&t.scores], &t, p.fleet, false);
+            if let Some(pool) = &pool {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                s.control = Some(rx);
+                let poll = config.scoring.fleet.model_poll;
+                tokio::spawn(watch_model(pool.clone(), poll, tx, shutdown.clone()));
+                if let Some(every) = config.training.every {
+                    let threshold = crate::train::operating_threshold(config);
+                    let training = config.training.clone();
+                    tokio::spawn(train_on_schedule(
+                        pool.clone(),
+                        training,
+                        threshold,
+                        every,
+                        shutdown.clone(),
+                    ));
+                }
+            }
+            runner::run(s, k, r, progress, shutdown, pool).await?
+        }
         Stage::Allocator => {
-            let inputs = events::<RiskScore>(&t.scores);
+            // A singleton consumer: it needs the whole pool and every score of a round. Scores
+            // first; then what keeps its view of the world current.
+            let mut inputs = as_input(events::<RiskScore>(&t.scores), AllocatorInput::Score);
+            inputs.extend(as_input(
+                events::<DependencyEdge>(&t.dependencies),
+                AllocatorInput::Edge,
+            ));
+            inputs.extend(as_input(
+                events::<foresight_events::FailureReport>(&t.failures),
+                AllocatorInput::Failure,
+            ));
+            if let Some(topic) = &config.allocator.inventory_topic {
+                inputs.extend(as_input(
+                    events::<foresight_events::InventoryUpdate>(topic),
+                    AllocatorInput::Inventory,
+                ));
+            }
             let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator, false);
             runner::run(s, k, r, progress, shutdown, None).await?
         }
         Stage::Actuator => {
-            let inputs = events::<Decision>(&t.decisions);
-            let s = live("actuator", inputs, &[&t.outcomes], &t, p.actuator, false);
-            runner::run(s, k, r, progress, shutdown, None).await?
+            // Its own loop (as the recorder's): it claims each decision in Postgres before acting.
+            let pool = pool.ok_or_else(|| anyhow::anyhow!("the actuator needs Postgres"))?;
+            crate::actuator::run(config, pool, progress, shutdown).await?
         }
         Stage::Recorder => {
             let pool = pool.ok_or_else(|| anyhow::anyhow!("the recorder needs Postgres"))?;
@@ -255,6 +341,71 @@ pub async fn run_stage(
         }
     };
     Ok(report)
+}
+
+/// Keeps the fleet stage on the promoted failure model: looks in Postgres every `poll`, and hands
+/// a newly promoted one (or the return to the prior, if promotion was withdrawn) to the stage.
+async fn watch_model(
+    pool: sqlx::PgPool,
+    poll: std::time::Duration,
+    tx: tokio::sync::mpsc::Sender<runner::Control<Fleet>>,
+    shutdown: CancellationToken,
+) {
+    let mut current: Option<String> = None;
+    loop {
+        match crate::train::promoted_version(&pool).await {
+            Ok(version) if version != current => {
+                let model = match &version {
+                    None => Ok(None),
+                    Some(_) => crate::train::promoted_model(&pool).await,
+                };
+                match model {
+                    Ok(model) => {
+                        let now = model.as_ref().map(|m| m.version().to_owned());
+                        tracing::info!(model = ?now, "Fleet stage: failure model changed.");
+                        let change: runner::Control<Fleet> = Box::new(move |fleet: &mut Fleet| {
+                            fleet.set_model(model.map(|m| {
+                                Box::new(m) as Box<dyn foresight_scoring::fleet::Predictor>
+                            }));
+                        });
+                        if tx.send(change).await.is_err() {
+                            return; // The stage stopped.
+                        }
+                        current = now;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Could not load the promoted model."),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Could not look for a promoted model."),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+/// Trains the failure model every `every` (the first time one period after start), over the
+/// configured look-back ending now; a promoted model reaches the stage through [`watch_model`].
+async fn train_on_schedule(
+    pool: sqlx::PgPool,
+    training: crate::train::TrainingConfig,
+    threshold: f64,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let window = crate::train::Window::ending(chrono::Utc::now(), training.lookback);
+        match crate::train::train(&pool, &training, threshold, window).await {
+            Ok(report) => tracing::info!(%report, "Scheduled training ran."),
+            Err(e) => tracing::warn!(error = %e, "Scheduled training failed."),
+        }
+    }
 }
 
 /// Everything an in-process run produced, in the order it was produced.
@@ -365,6 +516,19 @@ impl InProcess {
                 offset: -1,
             },
         );
+        let origin = Origin {
+            input: 0,
+            partition: 0,
+            offset: -1,
+        };
+        // Open fleet rounds are scored with what they have, then the allocator's.
+        let mut scores = Vec::new();
+        self.p.fleet.flush(&mut scores);
+        self.scores(scores, origin);
+        // Rounds still waiting for scores are decided with what they have.
+        let mut decisions = Vec::new();
+        self.p.allocator.flush(&mut decisions);
+        self.decisions(decisions, origin);
         self.out
     }
 
@@ -392,23 +556,50 @@ impl InProcess {
         let mut scores = Vec::new();
         for w in windows {
             match w {
-                Output::Event(FeaturesOutput::Edge(e)) => self.out.edges.push(e),
+                Output::Event(FeaturesOutput::Edge(e)) => {
+                    // The fleet's and the allocator's dependency graphs learn from the edges.
+                    let mut none = Vec::new();
+                    let edge = AllocatorInput::Edge(e.clone());
+                    self.p.allocator.process(edge, origin, &mut none);
+                    self.p
+                        .fleet
+                        .process(FleetInput::Edge(e.clone()), origin, &mut scores);
+                    self.out.edges.push(e);
+                }
                 Output::Event(FeaturesOutput::Window(w)) => {
                     if self.keep_windows {
                         self.out.windows.push(w.clone());
                     }
-                    self.p.scorer.process(w, origin, &mut scores);
+                    let mut entity_scores = Vec::new();
+                    self.p.scorer.process(w, origin, &mut entity_scores);
+                    for s in entity_scores {
+                        if let Output::Event(s) = s {
+                            self.p
+                                .fleet
+                                .process(FleetInput::Score(s), origin, &mut scores);
+                        }
+                    }
                 }
                 Output::Rejected(r) => self.reject("features", r, bytes, source, origin),
             }
         }
+        self.scores(scores, origin);
+    }
+
+    fn scores(&mut self, scores: Vec<Output<RiskScore>>, origin: Origin) {
         let mut decisions = Vec::new();
         for s in scores {
             if let Output::Event(s) = s {
                 self.out.scores.push(s.clone());
-                self.p.allocator.process(s, origin, &mut decisions);
+                self.p
+                    .allocator
+                    .process(AllocatorInput::Score(s), origin, &mut decisions);
             }
         }
+        self.decisions(decisions, origin);
+    }
+
+    fn decisions(&mut self, decisions: Vec<Output<Decision>>, origin: Origin) {
         let mut outcomes = Vec::new();
         for d in decisions {
             if let Output::Event(d) = d {

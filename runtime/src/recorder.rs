@@ -48,7 +48,8 @@ pub struct Row {
     pub payload: serde_json::Value,
 }
 
-fn row<T: EventData>(data: T) -> Row {
+/// The row an event is recorded as.
+pub fn row<T: EventData>(data: T) -> Row {
     Row {
         id: data.id().0,
         ty: T::event_type(),
@@ -107,10 +108,28 @@ pub(crate) fn decode(
     }
 }
 
-struct Position {
-    topic: String,
-    partition: i32,
-    offset: i64,
+/// Whether a row is kept under the score sample: every row but low-band scores, and of those the
+/// share `sample`, chosen by id (deterministic: a replay keeps the same ones).
+fn sampled(row: &Row, sample: f64) -> bool {
+    if sample >= 1.0 || row.ty != RiskScore::event_type() {
+        return true;
+    }
+    if row.payload.get("band").and_then(|b| b.as_str()) != Some("low") {
+        return true;
+    }
+    let bits = u64::from_be_bytes(row.id.as_bytes()[..8].try_into().expect("8 bytes"));
+    (bits as f64 / u64::MAX as f64) < sample
+}
+
+/// Where a recorded event was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
 }
 
 /// Writes rows and offsets in one transaction.
@@ -121,26 +140,7 @@ async fn write(
     next: &HashMap<(String, i32), i64>,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut inserted = 0;
-    if !rows.is_empty() {
-        let result = sqlx::query(
-            "INSERT INTO events (id, type, entity, event_time, schema_version, payload, source_topic, source_partition, source_offset) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::jsonb[], $7::text[], $8::int[], $9::bigint[]) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(rows.iter().map(|(r, _)| r.id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(r, _)| r.ty.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(r, _)| r.entity.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(r, _)| r.time).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(r, _)| r.schema_version).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(r, _)| r.payload.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, p)| p.topic.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, p)| p.partition).collect::<Vec<_>>())
-        .bind(rows.iter().map(|(_, p)| p.offset).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-        inserted = result.rows_affected();
-    }
+    let inserted = crate::audit::append(&mut tx, rows).await?;
     for ((topic, partition), offset) in next {
         sqlx::query(
             "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
@@ -242,6 +242,7 @@ pub(crate) async fn run(
             }
             let payload = message.payload().unwrap_or_default();
             match decode(topics, message.topic(), payload) {
+                Ok(row) if !sampled(&row, runner.recorder_score_sample) => {}
                 Ok(row) => rows.push((
                     row,
                     Position {
@@ -342,4 +343,47 @@ pub(crate) async fn run(
         "Stage stopped."
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::*;
+
+    #[test]
+    fn the_score_sample_keeps_every_risky_score_and_a_deterministic_share_of_the_rest() {
+        let score = |i: u32, p: f64| {
+            let mut r = Row {
+                id: foresight_events::EventId::derive("s", &[&i.to_le_bytes()]).0,
+                ty: RiskScore::event_type(),
+                entity: "e".into(),
+                time: DateTime::from_timestamp(0, 0).unwrap(),
+                schema_version: 1,
+                payload: serde_json::json!({ "band": if p > 0.7 { "high" } else { "low" } }),
+            };
+            if p < 0.0 {
+                r.ty = Decision::event_type();
+            }
+            r
+        };
+        let kept = (0..10_000)
+            .filter(|&i| sampled(&score(i, 0.1), 0.1))
+            .count();
+        assert!(
+            (800..1200).contains(&kept),
+            "{kept} of 10,000 low scores at 10 %"
+        );
+        assert!(
+            (0..100).all(|i| sampled(&score(i, 0.9), 0.0)),
+            "high scores always"
+        );
+        assert!(
+            (0..100).all(|i| sampled(&score(i, -1.0), 0.0)),
+            "other events always"
+        );
+        assert!((0..100).all(|i| !sampled(&score(i, 0.1), 0.0)));
+        let again = (0..10_000)
+            .filter(|&i| sampled(&score(i, 0.1), 0.1))
+            .count();
+        assert_eq!(kept, again);
+    }
 }

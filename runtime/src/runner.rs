@@ -64,6 +64,9 @@ pub(crate) struct Input<I> {
     pub(crate) decode: Decode<I>,
 }
 
+/// A change to a running stage's processor between two inputs (e.g. a newly promoted model).
+pub(crate) type Control<P> = Box<dyn FnOnce(&mut P) + Send>;
+
 /// A stage as the live runner sees it.
 pub(crate) struct LiveStage<P: Processor> {
     /// Stage name: consumer group suffix, event source and log field.
@@ -80,6 +83,8 @@ pub(crate) struct LiveStage<P: Processor> {
     /// driver (`block_in_place`), which costs a thread hand-off per message and so is not worth
     /// it for cheap processors.
     pub(crate) cpu_heavy: bool,
+    /// Changes to apply to the processor while it runs, between inputs.
+    pub(crate) control: Option<tokio::sync::mpsc::Receiver<Control<P>>>,
 }
 
 /// Why a stage stopped with an error.
@@ -244,6 +249,10 @@ fn store<I>(
 struct Pending {
     partition: i32,
     offsets: Vec<(InputPartition, i64)>,
+    /// Every input partition's position when it was taken: a processor's state may change on
+    /// another partition's input (the fleet stage closes rounds across partitions), so the
+    /// checkpoint is written only once every output emitted before it is acknowledged.
+    requires: Vec<(InputPartition, i64)>,
     changes: Vec<foresight_events::StateChange>,
 }
 
@@ -325,6 +334,11 @@ impl Checkpoints {
         if !self.pending.is_empty() {
             return;
         }
+        let requires: Vec<(InputPartition, i64)> = self
+            .restored
+            .iter()
+            .flat_map(|&p| tracker.positions(p))
+            .collect();
         for &partition in &self.restored {
             let changes = processor.checkpoint(partition);
             let offsets = tracker.positions(partition);
@@ -334,6 +348,7 @@ impl Checkpoints {
             self.pending.push(Pending {
                 partition,
                 offsets,
+                requires: requires.clone(),
                 changes,
             });
         }
@@ -367,6 +382,7 @@ impl Checkpoints {
             if !first
                 .offsets
                 .iter()
+                .chain(&first.requires)
                 .all(|(source, next)| tracker.done_until(*source, *next))
             {
                 break;
@@ -431,7 +447,9 @@ where
         stage: name,
         source,
     };
-    let consumer = kafka::consumer(kafka_config, &group).map_err(err)?;
+    // Ends of partitions are reported only to processors that wait for every partition.
+    let eof = stage.processor.watches_partitions();
+    let consumer = kafka::consumer_with(kafka_config, &group, eof).map_err(err)?;
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
     consumer.subscribe(&topics).map_err(err)?;
@@ -453,11 +471,26 @@ where
     let mut report = StageReport::default();
     let mut failure: Option<StageError> = None;
 
+    // The newest input read from the first input, to which outputs a processor emits when told a
+    // partition is caught up are attributed.
+    let mut last_read: Option<(InputPartition, i64)> = None;
+    let mut next_read: std::collections::HashMap<i32, i64> = Default::default();
+    // First-input partitions caught up, as last told to the processor.
+    let mut idle: std::collections::BTreeSet<i32> = Default::default();
     loop {
+        for (topic, partition) in consumer.context().take_assigned() {
+            if input_index(&topic) == Some(0) {
+                stage.processor.assigned(partition);
+            }
+        }
         for (topic, partition) in consumer.context().take_revoked() {
             if let Some(input) = input_index(&topic) {
                 tracker.revoke(InputPartition { input, partition });
                 stage.processor.forget_partition(partition);
+                if input == 0 {
+                    idle.remove(&partition);
+                    next_read.remove(&partition);
+                }
                 if let Some(c) = &mut checkpoints {
                     c.forget(partition);
                 }
@@ -468,6 +501,7 @@ where
             // advance), then the periodic store, and only then new input.
             biased;
             () = shutdown.cancelled() => break,
+            Some(change) = recv_control(&mut stage.control) => change(&mut stage.processor),
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 match result {
                     Ok(()) => tracker.ack(partition, offset),
@@ -504,6 +538,74 @@ where
             message = consumer.recv(), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
                     Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        // The end of partition `p` of some input: if it is the first input's,
+                        // the processor need not wait for that partition any more.
+                        // (The end reported may be another input's: ask the broker for the
+                        // first input's end. Once per end reached, and only for partitions
+                        // not already known to be caught up.)
+                        let caught_up = idle.contains(&p) || {
+                            let ends = tokio::task::block_in_place(|| {
+                                consumer.fetch_watermarks(&input_topics[0], p, Duration::from_secs(2))
+                            });
+                            match ends {
+                                Ok((low, high)) => next_read.get(&p).copied().unwrap_or(low) >= high,
+                                Err(e) => {
+                                    tracing::debug!(stage = name, partition = p, error = %e, "End offsets unknown.");
+                                    false
+                                }
+                            }
+                        };
+                        if !caught_up || !idle.insert(p) {
+                            continue;
+                        }
+                        stage.processor.idle(p, &mut out);
+                        if !out.is_empty() {
+                            let Some((at, at_offset)) = last_read else {
+                                tracing::error!(stage = name, "Outputs without any input read; dropped.");
+                                out.clear();
+                                continue;
+                            };
+                            tracker.read(at, at_offset, out.len());
+                            for output in out.drain(..) {
+                                let Output::Event(data) = output else {
+                                    tracing::error!(stage = name, "A rejection without an input; dropped.");
+                                    tracker.ack(at, at_offset);
+                                    continue;
+                                };
+                                report.event(progress);
+                                let m = data.into_message(&source);
+                                let record = FutureRecord::to(&stage.outputs[m.route])
+                                    .key(m.key.as_str())
+                                    .payload(m.payload.as_slice())
+                                    .headers(event_headers());
+                                match enqueue(&producer, record).await {
+                                    Ok(delivery) => deliveries.push(Box::pin(async move {
+                                        let result = match delivery.await {
+                                            Ok(Ok(_)) => Ok(()),
+                                            Ok(Err((e, _))) => Err(e),
+                                            Err(_) => Err(KafkaError::Canceled),
+                                        };
+                                        (at, at_offset, result)
+                                    })),
+                                    Err(e) => {
+                                        failure = Some(StageError::Delivery {
+                                            stage: name,
+                                            topic: input_topics[0].clone(),
+                                            partition: at.partition,
+                                            offset: at_offset,
+                                            source: e,
+                                        });
+                                        break;
+                                    }
+                                }
+                            }
+                            if failure.is_some() {
+                                break;
+                            }
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(stage = name, error = %e, "Consumer error; retrying.");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -516,6 +618,11 @@ where
                 };
                 let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
+                if input == 0 {
+                    last_read = Some((partition, offset));
+                    next_read.insert(partition.partition, offset + 1);
+                    idle.remove(&partition.partition);
+                }
                 if let Some(c) = &mut checkpoints {
                     if let Err(e) = c.ensure_restored(&mut stage, partition.partition).await {
                         failure = Some(e);
@@ -615,12 +722,32 @@ where
         Some(_) => Vec::new(),
     };
     store(&consumer, &stage.inputs, storable);
+    stopped(
+        name,
+        &consumer,
+        &producer,
+        runner.drain_timeout,
+        report,
+        failure,
+    )
+}
+
+/// How a stage ends, once its offsets are stored: a last synchronous commit, the producer
+/// flushed, and its report (or the failure that stopped it).
+pub(crate) fn stopped<E>(
+    name: &str,
+    consumer: &StreamConsumer<RebalanceContext>,
+    producer: &FutureProducer,
+    drain_timeout: Duration,
+    report: StageReport,
+    failure: Option<E>,
+) -> Result<StageReport, E> {
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync)
         && !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
     {
         tracing::warn!(stage = name, error = %e, "Final commit failed.");
     }
-    if let Err(e) = producer.flush(runner.drain_timeout) {
+    if let Err(e) = producer.flush(drain_timeout) {
         tracing::warn!(stage = name, error = %e, "Producer flush failed.");
     }
     tracing::info!(
@@ -633,6 +760,22 @@ where
     match failure {
         Some(e) => Err(e),
         None => Ok(report),
+    }
+}
+
+/// The next control message, or never when there is no control channel (or it is closed).
+async fn recv_control<P>(
+    control: &mut Option<tokio::sync::mpsc::Receiver<Control<P>>>,
+) -> Option<Control<P>> {
+    match control {
+        Some(rx) => match rx.recv().await {
+            Some(c) => Some(c),
+            None => {
+                *control = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

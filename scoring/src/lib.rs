@@ -21,6 +21,10 @@
 //! - **`logs`**: the window's error rate and share of never-seen message templates, each beyond its
 //!   configured baseline, scaled to at most `logs_weight`.
 //!
+//! Signals that need the whole fleet (peer outliers, risk inherited along dependencies, blast
+//! radius, ranking) and the learned failure model are added by the [`fleet`] stage, which reads
+//! every entity's score; [`model`] trains and applies the failure model.
+//!
 //! The signals are combined by **noisy-OR** over the strongest contributor of each kind,
 //! `P = 1 - prod(1 - p_kind)` (independent causes, any of which may fail the entity), and the
 //! interval likewise from the signals' bounds. Contributors are listed strongest first.
@@ -75,10 +79,12 @@
 //! ```
 
 pub mod anomaly;
+pub mod fleet;
+pub mod model;
 
 use std::time::Duration;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use augurs::{
     Predict,
@@ -97,6 +103,10 @@ use serde::{Deserialize, Serialize};
 
 /// Version string of the prior scorer, recorded in every score it makes.
 pub const PRIOR_MODEL_VERSION: &str = "prior-signals-2";
+
+/// The signal kinds the per-entity scorer evaluates, as named in [`RiskScore::signals`] and in
+/// contributors.
+pub const ENTITY_SIGNALS: [&str; 4] = ["forecast_breach", "anomaly", "changepoint", "logs"];
 
 /// A declared limit of one metric: crossing it is a failure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +190,8 @@ pub struct ScoringConfig {
     /// length up to a third of the history; a series with one is forecast with MSTL (seasonal
     /// decomposition, AutoETS on the rest). 0 turns seasonality detection off.
     pub min_season: usize,
+    /// The fleet stage: peer outliers, dependency propagation, ranking.
+    pub fleet: fleet::FleetConfig,
 }
 
 /// The documented prior combination: what each signal's evidence is worth as a probability of
@@ -239,6 +251,7 @@ impl Default for ScoringConfig {
             refit_every: 12,
             drift_sigmas: 3.0,
             min_season: 4,
+            fleet: fleet::FleetConfig::default(),
         }
     }
 }
@@ -916,6 +929,20 @@ impl Processor for Scorer {
             .filter_map(|s| s.steps_to_breach)
             .min()
             .map(|h| (h as i64 * window_ms / 1000) as u64);
+        let mut strengths: BTreeMap<String, f64> = ENTITY_SIGNALS
+            .iter()
+            .map(|k| (k.to_string(), 0.0))
+            .collect();
+        for sig in &signals {
+            let v = strengths.entry(sig.contributor.signal.clone()).or_default();
+            *v = v.max(sig.probability);
+        }
+        let observed = window
+            .metrics
+            .iter()
+            .filter(|(_, m)| m.mean.is_finite())
+            .map(|(k, m)| (k.clone(), m.mean))
+            .collect();
         signals.truncate(self.config.max_contributors);
         out.push(Output::Event(RiskScore {
             window_id: foresight_events::EventData::id(&window),
@@ -931,6 +958,11 @@ impl Processor for Scorer {
             contributors: signals.into_iter().map(|s| s.contributor).collect(),
             method: ScoreMethod::Prior,
             model_version: PRIOR_MODEL_VERSION.into(),
+            signals: strengths,
+            observed,
+            blast_radius: Vec::new(),
+            impact: 1.0,
+            rank: None,
         }));
     }
 

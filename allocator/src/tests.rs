@@ -1,0 +1,432 @@
+use foresight_events::{
+    Environment, EventData, EventId, Node, Rank, Resources, ScoreMethod, Workload,
+};
+
+use super::*;
+
+pub(crate) fn id(s: &str) -> EntityId {
+    EntityId::new(s).unwrap()
+}
+
+fn score(entity: &str, minute: i64, p: f64) -> RiskScore {
+    RiskScore {
+        entity: id(entity),
+        time: DateTime::from_timestamp(minute * 60, 0).unwrap(),
+        window_id: EventId::derive("w", &[entity.as_bytes(), &minute.to_le_bytes()]),
+        horizon_seconds: 1800,
+        probability: p,
+        lower: (p - 0.05).max(0.0),
+        upper: (p + 0.05).min(1.0),
+        time_to_failure_seconds: None,
+        health: 100.0 * (1.0 - p),
+        band: if p >= 0.7 {
+            Band::High
+        } else if p >= 0.3 {
+            Band::Moderate
+        } else {
+            Band::Low
+        },
+        contributors: vec![],
+        method: ScoreMethod::Prior,
+        model_version: "t".into(),
+        signals: Default::default(),
+        observed: Default::default(),
+        blast_radius: vec![],
+        impact: 1.0,
+        rank: None,
+    }
+}
+
+fn node(name: &str, cpu: f64) -> Node {
+    Node {
+        id: id(name),
+        kind: "host".into(),
+        environment: Environment::Primary,
+        zone: "a".into(),
+        group: None,
+        capacity: Resources {
+            cpu,
+            memory: cpu * 4.0,
+            ..Resources::default()
+        },
+        virtual_requests: None,
+    }
+}
+
+fn workload(name: &str, cpu: f64, on: &[&str], priority: u32) -> Workload {
+    Workload {
+        id: id(name),
+        kind: "service".into(),
+        priority,
+        critical: false,
+        requests: Resources {
+            cpu,
+            memory: cpu * 4.0,
+            ..Resources::default()
+        },
+        replicas: on.iter().map(|n| id(n)).collect(),
+        min_replicas: 1,
+        max_replicas: 8,
+        splittable: 1,
+        stateful: false,
+        queue_priority: 0,
+    }
+}
+
+fn run(a: &mut Allocator, input: AllocatorInput) -> Vec<Decision> {
+    let mut out = Vec::new();
+    a.process(
+        input,
+        Origin {
+            input: 0,
+            partition: 0,
+            offset: 0,
+        },
+        &mut out,
+    );
+    out.into_iter()
+        .filter_map(|o| match o {
+            Output::Event(d) => Some(d),
+            Output::Rejected(_) => None,
+        })
+        .collect()
+}
+
+fn pool3() -> Inventory {
+    Inventory {
+        nodes: vec![node("n1", 8.0), node("n2", 8.0), node("n3", 8.0)],
+        workloads: vec![
+            workload("web", 2.0, &["n1", "n2"], 5),
+            workload("batch", 4.0, &["n1"], 1),
+        ],
+        spares: vec![],
+    }
+}
+
+#[test]
+fn high_risk_migrates_each_workload_to_the_lowest_risk_node_with_room() {
+    let mut a = Allocator::new(Policy::default(), &pool3(), GraphConfig::default()).unwrap();
+    run(&mut a, AllocatorInput::Score(score("n2", 0, 0.2)));
+    let d = run(&mut a, AllocatorInput::Score(score("n1", 1, 0.9)));
+    let moves: Vec<(&str, &serde_json::Value)> = d
+        .iter()
+        .map(|d| (d.action.target.as_str(), &d.action.params["to"]))
+        .collect();
+    // Highest priority first: web already runs on n2, so it spreads to n3; batch goes to the
+    // lowest-risk node with room, n3 again (n2 was scored 0.2).
+    assert_eq!(
+        moves,
+        [
+            ("web", &serde_json::json!(["n3"])),
+            ("batch", &serde_json::json!(["n3"]))
+        ],
+        "{d:#?}"
+    );
+    assert!(
+        d.iter()
+            .all(|d| d.inverse.is_some() && d.rule == "migrate-high-risk")
+    );
+    let ids: BTreeSet<_> = d.iter().map(EventData::id).collect();
+    assert_eq!(ids.len(), d.len(), "distinct ids");
+    a.pool.within_capacity().unwrap();
+    // The node is empty now: the next high score (after the cool-down) has nothing to move.
+    let later = run(&mut a, AllocatorInput::Score(score("n1", 40, 0.9)));
+    assert_eq!(later[0].action.kind, ActionKind::NoOp, "{later:#?}");
+    assert!(later[0].reason.contains("migrate-high-risk"));
+}
+
+#[test]
+fn stale_scores_are_never_acted_on() {
+    let mut a = Allocator::new(Policy::default(), &pool3(), GraphConfig::default()).unwrap();
+    assert!(run(&mut a, AllocatorInput::Score(score("x", 100, 0.1))).is_empty());
+    // 20 minutes behind the newest event time (stale_after is 15 minutes).
+    assert!(run(&mut a, AllocatorInput::Score(score("n1", 80, 0.95))).is_empty());
+    assert!(!run(&mut a, AllocatorInput::Score(score("n1", 100, 0.95))).is_empty());
+    // Older than the entity's newest score.
+    assert!(run(&mut a, AllocatorInput::Score(score("n2", 100, 0.1))).is_empty());
+    assert!(run(&mut a, AllocatorInput::Score(score("n2", 99, 0.95))).is_empty());
+}
+
+#[test]
+fn hysteresis_and_cooldown_stop_flapping_at_a_threshold() {
+    let inv = Inventory::default();
+    let mut a = Allocator::new(Policy::default(), &inv, GraphConfig::default()).unwrap();
+    let mut kinds = Vec::new();
+    // Hovering around the high threshold 0.7 (margin 0.05): stays high, acts once.
+    for (m, p) in [(0, 0.71), (1, 0.69), (2, 0.72), (3, 0.68), (4, 0.70)] {
+        for d in run(&mut a, AllocatorInput::Score(score("svc", m, p))) {
+            kinds.push(d.action.kind);
+        }
+    }
+    assert_eq!(kinds, [ActionKind::Migrate]);
+    // Well below: leaves the high band, but the moderate rule waits for the cool-down.
+    assert!(run(&mut a, AllocatorInput::Score(score("svc", 5, 0.5))).is_empty());
+    let d = run(&mut a, AllocatorInput::Score(score("svc", 31, 0.5)));
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].action.kind, ActionKind::ReserveBuffer);
+    assert_eq!(d[0].action.params["placement"], "delegated");
+}
+
+#[test]
+fn escalation_bypasses_the_cooldown_of_a_lower_rule() {
+    let mut a = Allocator::new(Policy::default(), &pool3(), GraphConfig::default()).unwrap();
+    let d = run(&mut a, AllocatorInput::Score(score("n1", 0, 0.5)));
+    assert_eq!(d[0].action.kind, ActionKind::ReserveBuffer, "{d:#?}");
+    let d = run(&mut a, AllocatorInput::Score(score("n1", 2, 0.9)));
+    assert!(
+        d.iter().any(|d| d.action.kind == ActionKind::Migrate),
+        "{d:#?}"
+    );
+    // The buffer held for n1 was released for the migration.
+    assert!(a.pool.buffers.is_empty());
+}
+
+#[test]
+fn rounds_are_decided_by_priority_whatever_the_arrival_order() {
+    let inv = Inventory {
+        nodes: vec![node("a", 4.0), node("b", 4.0), node("spare", 4.0)],
+        workloads: vec![
+            workload("wa", 3.0, &["a"], 1),
+            workload("wb", 3.0, &["b"], 1),
+        ],
+        spares: vec![],
+    };
+    let ranked = |e: &str, p: f64, impact: f64| {
+        let mut s = score(e, 10, p);
+        s.impact = impact;
+        s.rank = Some(Rank { position: 0, of: 3 });
+        s
+    };
+    let round = [
+        ranked("a", 0.8, 1.0),
+        ranked("b", 0.75, 3.0),
+        ranked("spare", 0.0, 1.0),
+    ];
+    let mut outcomes = Vec::new();
+    for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+        let mut a = Allocator::new(Policy::default(), &inv, GraphConfig::default()).unwrap();
+        let mut got = Vec::new();
+        for (k, i) in order.iter().enumerate() {
+            let d = run(&mut a, AllocatorInput::Score(round[*i].clone()));
+            if k < 2 {
+                assert!(d.is_empty(), "the round is not complete yet");
+            }
+            got.extend(d);
+        }
+        outcomes.push(got);
+    }
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert_eq!(outcomes[0], outcomes[2]);
+    // b has the higher expected impact (0.75 x 3): it gets the only room; a is told why not.
+    let d = &outcomes[0];
+    assert_eq!(d[0].action.target.as_str(), "wb");
+    assert_eq!(d[1].action.kind, ActionKind::NoOp);
+    assert!(d[1].reason.contains("ranked 2 of 3"), "{}", d[1].reason);
+}
+
+#[test]
+fn velocity_limits_defer_and_report() {
+    let mut policy = Policy::default();
+    policy.limits.per_minute = 2;
+    let mut a = Allocator::new(policy, &Inventory::default(), GraphConfig::default()).unwrap();
+    let mut acted = 0;
+    let mut deferred = 0;
+    for e in ["a", "b", "c", "d"] {
+        for d in run(&mut a, AllocatorInput::Score(score(e, 0, 0.9))) {
+            match d.action.kind {
+                ActionKind::Migrate => acted += 1,
+                ActionKind::NoOp => {
+                    assert!(d.alternatives[0].rejected_because.contains("velocity"));
+                    deferred += 1
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!((acted, deferred), (2, 2));
+    // A minute later the deferred ones go through (they were not put in cool-down).
+    let d = run(&mut a, AllocatorInput::Score(score("c", 1, 0.9)));
+    assert_eq!(d[0].action.kind, ActionKind::Migrate);
+}
+
+#[test]
+fn eviction_needs_permission_and_respects_minimum_replicas() {
+    let inv = Inventory {
+        nodes: vec![node("hot", 4.0), node("full", 4.0)],
+        workloads: vec![
+            workload("important", 3.0, &["hot"], 9),
+            workload("filler", 3.0, &["full"], 1),
+            workload("floor", 0.5, &["full"], 0),
+        ],
+        spares: vec![],
+    };
+    let mut policy = Policy::default();
+    let mut a = Allocator::new(policy.clone(), &inv, GraphConfig::default()).unwrap();
+    let d = run(&mut a, AllocatorInput::Score(score("hot", 0, 0.9)));
+    assert_eq!(d[0].action.kind, ActionKind::NoOp);
+    assert!(
+        d[0].expected_effect.contains("does not allow eviction"),
+        "{d:#?}"
+    );
+
+    policy.eviction.allowed = true;
+    // filler is at its minimum (1 replica) on the only other node.
+    let mut a = Allocator::new(policy.clone(), &inv, GraphConfig::default()).unwrap();
+    let d = run(&mut a, AllocatorInput::Score(score("hot", 0, 0.9)));
+    assert!(
+        d[0].expected_effect.contains("insufficient resources"),
+        "{d:#?}"
+    );
+
+    let mut inv2 = inv.clone();
+    inv2.workloads[1].min_replicas = 0;
+    let mut a = Allocator::new(policy, &inv2, GraphConfig::default()).unwrap();
+    let d = run(&mut a, AllocatorInput::Score(score("hot", 0, 0.9)));
+    let kinds: Vec<_> = d
+        .iter()
+        .map(|d| (d.action.kind, d.action.target.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (ActionKind::Evict, "filler"),
+            (ActionKind::Migrate, "important")
+        ]
+    );
+    a.pool.within_capacity().unwrap();
+}
+
+#[test]
+fn inventory_updates_change_the_pool() {
+    let mut a = Allocator::new(
+        Policy::default(),
+        &Inventory::default(),
+        GraphConfig::default(),
+    )
+    .unwrap();
+    let update = |change| {
+        AllocatorInput::Inventory(InventoryUpdate {
+            entity: id("inv"),
+            time: DateTime::from_timestamp(0, 0).unwrap(),
+            change,
+        })
+    };
+    let mut inv = pool3();
+    inv.workloads[1].requests.cpu = 5.0;
+    run(
+        &mut a,
+        update(foresight_events::InventoryChange::Snapshot(inv)),
+    );
+    run(
+        &mut a,
+        update(foresight_events::InventoryChange::Remove(id("n3"))),
+    );
+    let d = run(&mut a, AllocatorInput::Score(score("n1", 1, 0.9)));
+    // Only n2 is left: web cannot spread but fits there; batch does not fit after it.
+    assert_eq!(d[0].action.target.as_str(), "web", "{d:#?}");
+    assert_eq!(d[0].action.params["to"], serde_json::json!(["n2"]));
+    assert!(
+        d[0].alternatives
+            .iter()
+            .any(|a| a.action.target.as_str() == "batch" && a.rejected_because.contains("room")),
+        "{d:#?}"
+    );
+    assert_eq!(d.len(), 1);
+}
+
+#[test]
+fn config_loading_reports_missing_files() {
+    let config = AllocatorConfig {
+        policy_file: Some("/nonexistent/policy.yaml".into()),
+        inventory_file: Some("/nonexistent/inventory.yaml".into()),
+        ..AllocatorConfig::default()
+    };
+    assert_eq!(config.load().unwrap_err().len(), 2);
+    let (policy, inventory) = AllocatorConfig::default().load().unwrap();
+    assert_eq!(policy, Policy::default());
+    assert_eq!(inventory, Inventory::default());
+}
+
+#[test]
+fn the_randomised_hold_out_takes_no_action_and_records_its_propensity() {
+    use foresight_events::{EventId, RiskScore, ScoreMethod};
+    let policy = Policy {
+        holdout: Holdout {
+            share: 0.3,
+            period: std::time::Duration::from_secs(24 * 3600),
+        },
+        ..Policy::default()
+    };
+    assert!(policy.validate().is_empty());
+    let mut a = Allocator::new(policy.clone(), &Default::default(), Default::default()).unwrap();
+    let mut out = Vec::new();
+    let mut held = 0;
+    for n in 0..200 {
+        let entity = foresight_events::EntityId::new(format!("node-{n}")).unwrap();
+        let score = RiskScore {
+            entity: entity.clone(),
+            time: chrono::DateTime::from_timestamp(3600, 0).unwrap(),
+            window_id: EventId::derive("w", &[entity.as_str().as_bytes()]),
+            horizon_seconds: 1800,
+            probability: 0.95,
+            lower: 0.9,
+            upper: 0.97,
+            time_to_failure_seconds: None,
+            health: 5.0,
+            band: foresight_events::Band::High,
+            contributors: vec![],
+            method: ScoreMethod::Prior,
+            model_version: "prior".into(),
+            signals: Default::default(),
+            observed: Default::default(),
+            blast_radius: vec![],
+            impact: 1.0,
+            rank: None,
+        };
+        let before = out.len();
+        a.process(
+            AllocatorInput::Score(score),
+            foresight_events::Origin {
+                input: 0,
+                partition: 0,
+                offset: n,
+            },
+            &mut out,
+        );
+        let decisions: Vec<_> = out[before..]
+            .iter()
+            .filter_map(|o| match o {
+                foresight_events::Output::Event(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert!(!decisions.is_empty());
+        let in_holdout = policy
+            .holdout
+            .holds_out(&entity, chrono::DateTime::from_timestamp(3600, 0).unwrap());
+        let d = decisions[0];
+        if in_holdout {
+            held += 1;
+            assert_eq!(decisions.len(), 1);
+            assert_eq!(d.action.kind, ActionKind::NoOp);
+            assert_eq!(d.action.params["holdout"], serde_json::json!(true));
+            assert_eq!(d.action.params["propensity"], serde_json::json!(0.3));
+            assert_eq!(d.alternatives[0].action.kind, ActionKind::Migrate);
+        } else {
+            // Acted on (or stopped by a velocity limit), never held out.
+            assert!(!d.action.params.contains_key("holdout"), "{d:?}");
+        }
+    }
+    assert!((40..80).contains(&held), "{held} of 200 held out at 30 %");
+    assert!(
+        !Policy {
+            holdout: Holdout {
+                share: 1.0,
+                ..Holdout::default()
+            },
+            ..Policy::default()
+        }
+        .validate()
+        .is_empty()
+    );
+}
