@@ -120,6 +120,7 @@ pub fn public_schemas() -> Vec<(&'static str, schemars::Schema)> {
         one::<ActuationOutcome>(),
         one::<FailureReport>(),
         one::<DependencyEdge>(),
+        one::<InventoryUpdate>(),
         ("dead_letter", schemars::schema_for!(DeadLetter)),
     ]
 }
@@ -199,7 +200,7 @@ mod tests {
     #[test]
     fn every_public_kind_has_a_schema() {
         let schemas = public_schemas();
-        assert_eq!(schemas.len(), 9);
+        assert_eq!(schemas.len(), 10);
         for (kind, schema) in schemas {
             let text = serde_json::to_string(&schema).unwrap();
             assert!(text.contains("properties"), "{kind}");
