@@ -17,14 +17,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use foresight_actuators::{Engine, KillSignal, Ledger};
 use foresight_events::{
-    ActuationOutcome, CLOUDEVENTS_CONTENT_TYPE, DeadLetter, Decision, ErrorClass, InputPartition,
-    RiskScore, Routed,
+    ActuationOutcome, DeadLetter, Decision, ErrorClass, InputPartition, RiskScore, Routed,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::Consumer,
-    error::{KafkaError, RDKafkaErrorCode},
+    error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
@@ -83,30 +82,6 @@ pub fn kill_switch(
     KillSignal::new(rx)
 }
 
-fn headers() -> OwnedHeaders {
-    OwnedHeaders::new().insert(Header {
-        key: "content-type",
-        value: Some(CLOUDEVENTS_CONTENT_TYPE),
-    })
-}
-
-/// Enqueues a record, waiting while the producer's local queue is full.
-async fn enqueue(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, str, [u8]>,
-) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
-}
-
 fn delivery(
     d: rdkafka::producer::DeliveryFuture,
     input: Option<(InputPartition, i64)>,
@@ -134,8 +109,8 @@ pub async fn send_outcomes(
         let record = FutureRecord::to(topic)
             .key(m.key.as_str())
             .payload(m.payload.as_slice())
-            .headers(headers());
-        out.push(enqueue(producer, record).await?);
+            .headers(crate::runner::event_headers());
+        out.push(crate::runner::enqueue(producer, record).await?);
     }
     Ok(out)
 }
@@ -292,7 +267,7 @@ pub(crate) async fn run(
                     if let Some(key) = dl.key.as_deref() {
                         record = record.key(key);
                     }
-                    sent.push(enqueue(&producer, record).await?);
+                    sent.push(crate::runner::enqueue(&producer, record).await?);
                     report.dead_letter(progress);
                 }
                 for d in send_outcomes(&producer, &topics.outcomes, outcomes).await? {

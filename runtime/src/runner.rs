@@ -181,8 +181,24 @@ impl StageReport {
 
 type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), KafkaError>)> + Send>>;
 
+/// The acknowledgement of one output of the input at `offset` of `partition`.
+fn delivered(
+    delivery: rdkafka::producer::DeliveryFuture,
+    partition: InputPartition,
+    offset: i64,
+) -> Delivery {
+    Box::pin(async move {
+        let result = match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        };
+        (partition, offset, result)
+    })
+}
+
 /// Headers of an event message (CloudEvents structured mode).
-fn event_headers() -> OwnedHeaders {
+pub(crate) fn event_headers() -> OwnedHeaders {
     OwnedHeaders::new().insert(Header {
         key: "content-type",
         value: Some(CLOUDEVENTS_CONTENT_TYPE),
@@ -208,7 +224,7 @@ fn dead_letter_headers(dl: &DeadLetter, original: &BorrowedMessage<'_>) -> Owned
 }
 
 /// Enqueues a record, waiting while the producer's local queue is full.
-async fn enqueue(
+pub(crate) async fn enqueue(
     producer: &FutureProducer,
     mut record: FutureRecord<'_, str, [u8]>,
 ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
@@ -580,14 +596,7 @@ where
                                     .payload(m.payload.as_slice())
                                     .headers(event_headers());
                                 match enqueue(&producer, record).await {
-                                    Ok(delivery) => deliveries.push(Box::pin(async move {
-                                        let result = match delivery.await {
-                                            Ok(Ok(_)) => Ok(()),
-                                            Ok(Err((e, _))) => Err(e),
-                                            Err(_) => Err(KafkaError::Canceled),
-                                        };
-                                        (at, at_offset, result)
-                                    })),
+                                    Ok(d) => deliveries.push(delivered(d, at, at_offset)),
                                     Err(e) => {
                                         failure = Some(StageError::Delivery {
                                             stage: name,
@@ -660,14 +669,7 @@ where
                         }
                     };
                     match enqueued {
-                        Ok(delivery) => deliveries.push(Box::pin(async move {
-                            let result = match delivery.await {
-                                Ok(Ok(_)) => Ok(()),
-                                Ok(Err((e, _))) => Err(e),
-                                Err(_) => Err(KafkaError::Canceled),
-                            };
-                            (partition, offset, result)
-                        })),
+                        Ok(d) => deliveries.push(delivered(d, partition, offset)),
                         Err(source) => {
                             failure = Some(StageError::Delivery {
                                 stage: name,
