@@ -450,17 +450,6 @@ async fn a_replay_of_the_decisions_topic_makes_no_new_calls() -> anyhow::Result<
     db.drop_db().await
 }
 
-/// The `foresight` binary of this build (`cargo build -p foresight`).
-fn binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|d| d.join("foresight"))
-        .filter(|b| b.exists());
-    bin.ok_or_else(|| anyhow::anyhow!("build the binary first: cargo build -p foresight"))
-}
-
 /// `foresight run actuator` as a child process is SIGKILLed 20 times, each time while a command
 /// it started is running (between claim and outcome), and restarted: no decision is ever acted
 /// on twice, and every decision ends with an outcome.
@@ -489,7 +478,7 @@ async fn killing_the_actuator_between_claim_and_outcome_never_acts_twice() -> an
     // waiting out the killed member's session, and reads the decisions from offset 0 again: a
     // crash and a replay at once.
     let start = |k: u32| {
-        std::process::Command::new(binary()?)
+        std::process::Command::new(foresight_tests::binary()?)
             .args(["run", "actuator", "--config"])
             .arg(&toml)
             .env("FORESIGHT_KAFKA__BROKERS", &config.kafka.brokers)
@@ -497,6 +486,7 @@ async fn killing_the_actuator_between_claim_and_outcome_never_acts_twice() -> an
             .env("FORESIGHT_KAFKA__GROUP_PREFIX", format!("{prefix}-{k}-"))
             .env("FORESIGHT_POSTGRES__URL", &config.postgres.url)
             .env("FORESIGHT_RUNNER__COMMIT_INTERVAL", "100ms")
+            .env("FORESIGHT_OBSERVABILITY__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()

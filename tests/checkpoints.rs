@@ -4,38 +4,20 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use chrono::{DateTime, Duration as Delta, DurationRound as _, Utc};
 use foresight::{Config, kafka::Topics};
 use foresight_events::{Event, EventData, EventId, FeatureWindow};
 use foresight_tests::{TestDb, config, eventually, in_process, produce, producer, read_all, tag};
 
-/// The `foresight` binary of this build (`cargo test --workspace --all-targets` builds it).
-fn binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test binary location")?;
-    let bin = dir.join("foresight");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build -p foresight)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
 /// Starts `foresight run features` with the test's configuration in its environment.
 fn start(config: &Config) -> anyhow::Result<Child> {
     let f = &config.features;
-    let mut cmd = Command::new(binary()?);
+    let mut cmd = Command::new(foresight_tests::binary()?);
     cmd.args(["run", "features"])
         .env("FORESIGHT_KAFKA__BROKERS", &config.kafka.brokers)
         .env("FORESIGHT_KAFKA__TOPIC_PREFIX", &config.kafka.topic_prefix)
@@ -47,6 +29,7 @@ fn start(config: &Config) -> anyhow::Result<Child> {
         .env("FORESIGHT_POSTGRES__URL", &config.postgres.url)
         .env("FORESIGHT_RUNNER__CHECKPOINT_INTERVAL", "300ms")
         .env("FORESIGHT_RUNNER__COMMIT_INTERVAL", "100ms")
+        .env("FORESIGHT_OBSERVABILITY__LISTEN", "127.0.0.1:0")
         .env(
             "FORESIGHT_FEATURES__WINDOW",
             format!("{}ms", f.window.as_millis()),
@@ -253,5 +236,92 @@ async fn killed_feature_stage_resumes_and_live_windows_equal_replay() -> anyhow:
         read - expected.len()
     );
     drop(pool);
+    db.drop_db().await
+}
+
+/// Two instances hold one partition during a rebalance: the one it was revoked from still has a
+/// checkpoint to write after its successor restored the partition. The successor's claim fences
+/// it off: its write is refused, and what the successor restored stays the last checkpoint. A
+/// checkpoint being written while the successor claims is waited for, so the successor restores
+/// it (real Postgres; the store the runner uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_instance_cannot_write_over_its_successors_checkpoint() -> anyhow::Result<()> {
+    use foresight::checkpoint::{CheckpointStore, SaveError};
+    use foresight_events::StateChange;
+    let db = TestDb::create().await?;
+    let pool = db.pool().await?;
+    foresight::db::MIGRATOR.run(&pool).await?;
+    let topics = vec!["t.metrics".to_owned()];
+    let put = |v: &str| StateChange::Put {
+        key: "node-1".into(),
+        value: v.as_bytes().to_vec(),
+    };
+    let old = CheckpointStore::new(pool.clone(), "g-features".into());
+    let new = CheckpointStore::new(pool.clone(), "g-features".into());
+
+    let first = old.load(0, &topics, "old").await?;
+    assert_eq!(first.epoch, 1);
+    old.save(0, first.epoch, &[(topics[0].clone(), 10)], &[put("at 10")])
+        .await?;
+    let taken = new.load(0, &topics, "new").await?;
+    assert_eq!(taken.epoch, 2);
+    assert_eq!(taken.offsets[&topics[0]], 10);
+    // The old holder's next checkpoint is refused, and changes nothing.
+    let refused = old
+        .save(0, first.epoch, &[(topics[0].clone(), 20)], &[put("at 20")])
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(SaveError::Fenced {
+                ours: 1,
+                current: 2
+            })
+        ),
+        "{refused:?}"
+    );
+    new.save(0, taken.epoch, &[(topics[0].clone(), 15)], &[put("at 15")])
+        .await?;
+    let now = CheckpointStore::new(pool.clone(), "g-features".into())
+        .load(0, &topics, "third")
+        .await?;
+    assert_eq!(now.offsets[&topics[0]], 15);
+    assert_eq!(now.entries, vec![("node-1".to_owned(), b"at 15".to_vec())]);
+    // Other partitions and groups are claimed on their own.
+    assert_eq!(old.load(1, &topics, "old").await?.epoch, 1);
+    let other = CheckpointStore::new(pool.clone(), "g-scoring".into());
+    assert_eq!(other.load(0, &topics, "old").await?.epoch, 1);
+
+    // A claim made while a checkpoint is being written waits for it, and restores it.
+    let mut writing = pool.begin().await?;
+    let epoch: i64 = sqlx::query_scalar(
+        "SELECT epoch FROM partition_owners WHERE consumer_group = 'g-scoring' AND partition = 0 FOR UPDATE",
+    )
+    .fetch_one(&mut *writing)
+    .await?;
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) \
+         VALUES ('g-scoring', 't.metrics', 0, 99)",
+    )
+    .execute(&mut *writing)
+    .await?;
+    let claim = tokio::spawn({
+        let pool = pool.clone();
+        let topics = topics.clone();
+        async move {
+            CheckpointStore::new(pool, "g-scoring".into())
+                .load(0, &topics, "successor")
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!claim.is_finished(), "the claim waits for the write");
+    writing.commit().await?;
+    let restored = claim.await??;
+    assert_eq!(
+        (restored.epoch, restored.offsets[&topics[0]]),
+        (epoch + 1, 99)
+    );
+    pool.close().await;
     db.drop_db().await
 }

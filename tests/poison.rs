@@ -1,6 +1,7 @@
-//! A telemetry stream with 1 % poison records of every kind ingest rejects, through the live
-//! feature stage on the real broker: every poison record ends in the dead-letter topic with its
-//! class and reason and its original bytes, and every good record is processed.
+//! A telemetry stream with 1 % poison records of every kind ingest rejects, plus one 10 MB
+//! record, through the live feature stage on the real broker: every poison record ends in the
+//! dead-letter topic with its class and reason and its original bytes (the 10 MB one's first
+//! `runner.dead_letter_max_bytes`, the reason saying so), and every good record is processed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,7 +11,7 @@ use std::{
 use chrono::{Duration as Delta, DurationRound as _, Utc};
 use foresight::{Stage, kafka::Topics};
 use foresight_events::{DeadLetter, Event, EventData, FeatureWindow};
-use foresight_tests::{TestDb, config, eventually, produce, producer, read_all, tag};
+use foresight_tests::{TestDb, config, eventually, produce, read_all_at, tag};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,6 +20,13 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
     // The feature stage checkpoints its windows in Postgres.
     let db = TestDb::create().await?;
     let mut config = config(&prefix, &db);
+    // A broker of its own, in memory: tansu 0.6.0 on sqlite storage (the shared test broker)
+    // never serves a partition that holds a 10 MB record (its consumer reads nothing of it;
+    // found 2026-12-03), a broker limitation, not the pipeline's.
+    let dir = tempfile::tempdir()?;
+    let mut broker = foresight_tests::faults::Tansu::in_memory(dir.path())?;
+    broker.start().await?;
+    config.kafka.brokers = broker.address();
     config.features.window = Duration::from_secs(60);
     config.features.max_out_of_orderness = Duration::ZERO;
     config.features.allowed_lateness = Duration::ZERO;
@@ -107,6 +115,12 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
         }
     }
     assert_eq!(p, 30);
+    // One 10 MB record in the middle: well-formed JSON, far over `ingest.max_message_bytes`.
+    let huge = serde_json::to_vec(
+        &serde_json::json!({"entity": "n-0", "metric": "cpu_pct", "time": start.to_rfc3339(), "value": 1, "labels": {"pad": "x".repeat(10 * 1024 * 1024)}}),
+    )?;
+    records.insert(records.len() / 2, ("n-0".into(), huge.clone()));
+    *expected_dead.entry("oversize").or_default() += 1;
 
     // What the same input gives in-process: the reference for "every good record processed".
     let reference = foresight_tests::in_process(&config, &records, Some(Utc::now()))?;
@@ -117,7 +131,13 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
         .map(|w| (w.id(), w.clone()))
         .collect();
 
-    produce(&producer()?, &topics.metrics, &records).await?;
+    // A producer that may send the 10 MB record.
+    let big: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", (16 * 1024 * 1024).to_string())
+        .create()?;
+    produce(&big, &topics.metrics, &records).await?;
     let shutdown = CancellationToken::new();
     let stage = tokio::spawn({
         let (config, shutdown) = (config.clone(), shutdown.clone());
@@ -130,10 +150,18 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
         Duration::from_secs(90),
         || {
             let (features, dead_topic) = (features.clone(), dead_topic.clone());
+            let brokers = config.kafka.brokers.clone();
             async move {
-                let windows = read_all(&features, Duration::from_secs(1), Duration::from_secs(20))?;
-                let dead = read_all(&dead_topic, Duration::from_secs(1), Duration::from_secs(20))?;
-                Ok((windows.len() >= n_windows && dead.len() >= 30).then_some((windows, dead)))
+                let read = |topic: &str| {
+                    read_all_at(
+                        &brokers,
+                        topic,
+                        Duration::from_secs(1),
+                        Duration::from_secs(20),
+                    )
+                };
+                let (windows, dead) = (read(&features)?, read(&dead_topic)?);
+                Ok((windows.len() >= n_windows && dead.len() >= 31).then_some((windows, dead)))
             }
         },
     )
@@ -159,7 +187,7 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
     );
 
     // 100 % of the poison: in the dead-letter topic, original bytes, class and reason.
-    assert_eq!(dead.len(), 30);
+    assert_eq!(dead.len(), 31);
     let mut classes: BTreeMap<String, usize> = BTreeMap::new();
     let poison_bytes: BTreeSet<&[u8]> = poison.iter().map(|(_, b)| b.as_slice()).collect();
     for m in &dead {
@@ -169,10 +197,26 @@ async fn poison_goes_to_dead_letters_and_good_records_flow_on() -> anyhow::Resul
             m.payload.clone(),
         )
         .expect("dead-letter headers");
-        assert!(
-            poison_bytes.contains(dl.payload.as_slice()),
-            "original bytes kept"
-        );
+        if dl.payload.len() == config.runner.dead_letter_max_bytes {
+            assert!(
+                huge.starts_with(&dl.payload),
+                "the 10 MB record's first bytes kept"
+            );
+            assert!(
+                dl.reason.contains(&format!(
+                    "truncated to its first {} of {} bytes",
+                    dl.payload.len(),
+                    huge.len()
+                )),
+                "{}",
+                dl.reason
+            );
+        } else {
+            assert!(
+                poison_bytes.contains(dl.payload.as_slice()),
+                "original bytes kept"
+            );
+        }
         assert!(!dl.reason.is_empty());
         assert_eq!(dl.source_topic, topics.metrics);
         *classes

@@ -213,6 +213,12 @@ pub struct OutgoingMessage {
 pub trait Routed {
     /// Wraps the output in its envelope, stamped with `source`.
     fn into_message(self, source: &str) -> OutgoingMessage;
+
+    /// The output's event time, if it has one: what a runner measures its processing latency
+    /// (event time to output) against.
+    fn event_time(&self) -> Option<DateTime<Utc>> {
+        None
+    }
 }
 
 impl<T: EventData> Routed for T {
@@ -224,5 +230,9 @@ impl<T: EventData> Routed for T {
             key: event.subject.as_str().to_owned(),
             payload: event.to_json(),
         }
+    }
+
+    fn event_time(&self) -> Option<DateTime<Utc>> {
+        Some(self.time())
     }
 }

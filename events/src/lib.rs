@@ -26,7 +26,10 @@ pub use graph::{
 pub use inventory::{
     Environment, Inventory, InventoryChange, InventoryUpdate, Node, Resources, Spare, Workload,
 };
-pub use stage::{InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError};
+pub use stage::{
+    InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError, decode_state,
+    encode_state,
+};
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
     FailureReport, FeatureWindow, LogEvent, LogStats, MetricKind, MetricSample, MetricStats,

@@ -152,3 +152,33 @@ pub struct StateError {
     /// Why.
     pub reason: String,
 }
+
+/// Encodes a piece of checkpointed state: its encoding's version (one byte), then the state in
+/// postcard, compact and exact (floats bit for bit).
+pub fn encode_state<T: serde::Serialize>(version: u8, state: &T) -> Vec<u8> {
+    let mut value = vec![version];
+    value.extend(postcard::to_stdvec(state).expect("checkpointed state always serialises"));
+    value
+}
+
+/// Decodes what [`encode_state`] wrote under `key`, refusing another version of the encoding
+/// with the reason.
+pub fn decode_state<T: serde::de::DeserializeOwned>(
+    key: &str,
+    version: u8,
+    value: &[u8],
+) -> Result<T, StateError> {
+    let fail = |reason: String| StateError {
+        key: key.to_owned(),
+        reason,
+    };
+    match value.split_first() {
+        Some((&v, bytes)) if v == version => {
+            postcard::from_bytes(bytes).map_err(|e| fail(format!("undecodable: {e}")))
+        }
+        Some((v, _)) => Err(fail(format!(
+            "encoding version {v}; this build reads version {version}"
+        ))),
+        None => Err(fail("empty".into())),
+    }
+}

@@ -307,6 +307,10 @@ pub struct Contributor {
     pub value: f64,
     /// Human-readable explanation.
     pub detail: String,
+    /// For a forecast: the 80% prediction interval of the metric at the horizon (`value` is its
+    /// point forecast), so a report can draw the forecast band.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_interval: Option<[f64; 2]>,
 }
 
 /// How a score's probability was computed.

@@ -223,6 +223,31 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Validates one sample given field by field (a row of a table, in replay), with exactly the
+    /// checks a decoded message's samples get: entity, metric name, finite value, and the time
+    /// against `message_time`.
+    pub fn sample(
+        &self,
+        entity: &str,
+        metric: &str,
+        time: DateTime<Utc>,
+        value: f64,
+        labels: std::sync::Arc<std::collections::BTreeMap<String, String>>,
+        message_time: Option<DateTime<Utc>>,
+    ) -> Result<foresight_events::MetricSample, Rejection> {
+        let entity = checks::entity(entity)?;
+        self.checks.at(message_time).sample(
+            entity,
+            metric.to_owned(),
+            time,
+            value,
+            labels,
+            foresight_events::MetricKind::Gauge,
+        )
+    }
+}
+
 /// The format of one message: the configured one, or (for [`Format::Auto`]) what the content
 /// type and the first bytes say.
 pub fn detect(configured: Format, content_type: Option<&str>, bytes: &[u8]) -> Format {

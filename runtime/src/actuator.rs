@@ -96,20 +96,26 @@ fn delivery(
     })
 }
 
-/// Produces outcomes to the outcomes topic.
-pub async fn send_outcomes(
+/// Produces outcomes to the outcomes topic, in the trace of `traceparent` (counted in
+/// `progress`'s actuations when given).
+pub(crate) async fn send_outcomes(
     producer: &FutureProducer,
     topic: &str,
     outcomes: Vec<ActuationOutcome>,
+    traceparent: &str,
+    progress: Option<&Progress>,
 ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, KafkaError> {
     let source = format!("/foresight/{NAME}");
     let mut out = Vec::with_capacity(outcomes.len());
     for o in outcomes {
+        if let Some(p) = progress {
+            p.actuation(&o.actuator, o.status.as_str());
+        }
         let m = o.into_message(&source);
         let record = FutureRecord::to(topic)
             .key(m.key.as_str())
             .payload(m.payload.as_slice())
-            .headers(crate::runner::event_headers());
+            .headers(crate::runner::event_headers(traceparent));
         out.push(crate::runner::enqueue(producer, record).await?);
     }
     Ok(out)
@@ -155,7 +161,7 @@ pub(crate) async fn run(
     );
     let mut engine = Engine::new(a.clone(), pool, stop).context("building the actuators")?;
     let group = format!("{}{}", k.group_prefix, NAME);
-    let consumer = kafka::consumer(k, &group)?;
+    let consumer = kafka::consumer(k, &group, progress.consumer.clone())?;
     let producer = kafka::producer(k)?;
     let inputs = [topics.decisions.as_str(), topics.scores.as_str()];
     consumer.subscribe(&inputs)?;
@@ -196,7 +202,8 @@ pub(crate) async fn run(
                 let Some(scanned) = retrying!(shutdown, engine.scan()) else { break };
                 match scanned {
                     Ok(outcomes) => {
-                        for d in send_outcomes(&producer, &topics.outcomes, outcomes).await? {
+                        let traceparent = crate::telemetry::new_traceparent();
+                        for d in send_outcomes(&producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
                             report.event(progress);
                             deliveries.push(delivery(d, None));
                         }
@@ -219,6 +226,9 @@ pub(crate) async fn run(
                 let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
                 let payload = message.payload().unwrap_or_default();
+                let parent = crate::telemetry::extract(message.headers());
+                let span = crate::telemetry::input_span(NAME, message.topic(), partition.partition, offset, &parent);
+                let traceparent = crate::telemetry::traceparent(&span, &parent);
                 let mut outcomes = Vec::new();
                 let mut dead: Option<(ErrorClass, String)> = None;
                 if input == DECISIONS {
@@ -250,7 +260,7 @@ pub(crate) async fn run(
                 }
                 let mut sent = Vec::new();
                 if let Some((class, reason)) = dead {
-                    let dl = DeadLetter {
+                    let mut dl = DeadLetter {
                         stage: NAME.into(),
                         source_topic: message.topic().into(),
                         partition: message.partition(),
@@ -260,6 +270,7 @@ pub(crate) async fn run(
                         key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                         payload: payload.to_vec(),
                     };
+                    crate::runner::cap_payload(&mut dl, r.dead_letter_max_bytes);
                     let hs = dl.headers().iter().fold(OwnedHeaders::new(), |h, (k, v)| {
                         h.insert(Header { key: k, value: Some(v.as_bytes()) })
                     });
@@ -268,9 +279,10 @@ pub(crate) async fn run(
                         record = record.key(key);
                     }
                     sent.push(crate::runner::enqueue(&producer, record).await?);
-                    report.dead_letter(progress);
+                    report.dead_letter(progress, dl.error_class);
                 }
-                for d in send_outcomes(&producer, &topics.outcomes, outcomes).await? {
+                drop(span);
+                for d in send_outcomes(&producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
                     report.event(progress);
                     sent.push(d);
                 }
@@ -353,7 +365,16 @@ pub async fn by_hand(config: &Config, what: ByHand) -> anyhow::Result<Vec<Actuat
     let outcomes = result?;
     let producer = kafka::producer(&config.kafka)?;
     let topics = Topics::new(&config.kafka.topic_prefix);
-    for d in send_outcomes(&producer, &topics.outcomes, outcomes.clone()).await? {
+    let traceparent = crate::telemetry::new_traceparent();
+    for d in send_outcomes(
+        &producer,
+        &topics.outcomes,
+        outcomes.clone(),
+        &traceparent,
+        None,
+    )
+    .await?
+    {
         d.await
             .map_err(|_| KafkaError::Canceled)?
             .map_err(|(e, _)| e)

@@ -3,10 +3,13 @@
 //! Every row of `events` belongs to the chain of the source partition it was read from
 //! (`<topic>/<partition>`, written by one recorder at a time), numbered 1, 2, ... in recording
 //! order. Its `hash` is `sha256(prev_hash || digest)`, where `prev_hash` is the previous row's
-//! hash (empty for the first) and `digest` is `foresight_row_digest(...)` over the row's columns,
-//! computed by Postgres from the stored values (so that verification needs nothing but the table).
-//! An edited row no longer matches its hash; a removed or inserted row breaks the numbering or the
-//! link to its predecessor. [`verify`] walks every chain and names the first row that is wrong.
+//! hash (empty for the first) and `digest` is `foresight_row_digest(...)` over the row's columns.
+//! Verification recomputes the digest in Postgres from the stored values, so it needs nothing but
+//! the table; appending computes the same bytes here from the values it is about to store (the
+//! jsonb text form reproduced exactly, see [`jsonb_text`]), so each payload crosses the wire once,
+//! in a `COPY`. An edited row no longer matches its hash; a removed or inserted row breaks the
+//! numbering or the link to its predecessor. [`verify`] walks every chain and names the first row
+//! that is wrong.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -30,6 +33,219 @@ fn link(prev: &[u8], digest: &[u8]) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
+/// An event time as Postgres stores it: whole microseconds, counted from 2000-01-01 the way the
+/// driver encodes it (so the text forms below match the stored value exactly).
+fn stored_time(t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let epoch = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).single()?;
+    let micros = (t - epoch).num_microseconds()?;
+    Some(epoch + chrono::TimeDelta::microseconds(micros))
+}
+
+/// `payload::text` of a jsonb value: what Postgres prints for it, byte for byte (keys ordered by
+/// length, then bytes; `", "` and `": "` between items; numbers as `numeric` prints them).
+pub fn jsonb_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_jsonb(v, &mut out);
+    out
+}
+
+fn write_jsonb(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => push_numeric(&n.to_string(), out),
+        Value::String(s) => push_json_string(s, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_jsonb(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                push_json_string(k, out);
+                out.push_str(": ");
+                write_jsonb(&map[k], out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// A JSON string as Postgres escapes it (`escape_json`).
+fn push_json_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A JSON number literal as `numeric` prints it: plain decimal (no exponent) with as many
+/// decimals as the literal carries after its exponent is applied, and no sign on zero.
+fn push_numeric(literal: &str, out: &mut String) {
+    let (negative, rest) = match literal.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, literal),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (
+            &rest[..i],
+            rest[i + 1..]
+                .parse::<i64>()
+                .expect("a JSON exponent is an integer"),
+        ),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = format!("{int}{frac}");
+    // value = digits × 10^shift, printed with `scale` decimals.
+    let shift = exponent - frac.len() as i64;
+    let scale = (-shift).max(0) as usize;
+    let mut text = digits;
+    if shift > 0 {
+        text.extend(std::iter::repeat_n('0', shift as usize));
+    }
+    if text.len() <= scale {
+        let pad = scale + 1 - text.len();
+        text.insert_str(0, &"0".repeat(pad));
+    }
+    let (int, frac) = text.split_at(text.len() - scale);
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.bytes().all(|b| b == b'0');
+    if negative && !zero {
+        out.push('-');
+    }
+    out.push_str(int);
+    if scale > 0 {
+        out.push('.');
+        out.push_str(frac);
+    }
+}
+
+/// Whether an event time can be recorded: Postgres and this module agree on its text form.
+pub fn recordable(t: DateTime<Utc>) -> bool {
+    stored_time(t).is_some_and(|t| (1..=9999).contains(&t.year()))
+}
+
+/// `foresight_row_digest` of a row, computed here from the values it will be stored as; `None`
+/// when its event time is not [`recordable`].
+fn row_digest(r: &Row, p: &Position, payload: &str) -> Option<Vec<u8>> {
+    if !recordable(r.time) {
+        return None;
+    }
+    let t = stored_time(r.time)?;
+    let text = [
+        r.id.to_string(),
+        r.ty.clone(),
+        r.entity.clone(),
+        t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+        r.schema_version.to_string(),
+        payload.to_owned(),
+        p.topic.clone(),
+        p.partition.to_string(),
+        p.offset.to_string(),
+    ]
+    .join("\u{1f}");
+    Some(Sha256::digest(text.as_bytes()).to_vec())
+}
+
+/// One row of `COPY events (...) FROM STDIN` (text format).
+#[allow(clippy::too_many_arguments)] // One argument per column group of the row.
+fn copy_row(
+    out: &mut String,
+    r: &Row,
+    p: &Position,
+    chain: &str,
+    seq: i64,
+    prev: &[u8],
+    hash: &[u8],
+    payload: &str,
+) {
+    use std::fmt::Write as _;
+    let field = |out: &mut String, s: &str| {
+        for c in s.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+        out.push('\t');
+    };
+    let bytea = |out: &mut String, b: &[u8]| {
+        out.push_str("\\\\x");
+        for x in b {
+            let _ = write!(out, "{x:02x}");
+        }
+    };
+    let _ = write!(out, "{}\t", r.id);
+    field(out, &r.ty);
+    field(out, &r.entity);
+    let t = stored_time(r.time).unwrap_or(r.time);
+    let _ = write!(
+        out,
+        "{}\t{}\t",
+        t.format("%Y-%m-%d %H:%M:%S%.6f+00"),
+        r.schema_version
+    );
+    field(out, payload);
+    field(out, &p.topic);
+    let _ = write!(out, "{}\t{}\t", p.partition, p.offset);
+    field(out, chain);
+    let _ = write!(out, "{seq}\t");
+    bytea(out, prev);
+    out.push('\t');
+    bytea(out, hash);
+    out.push('\n');
+}
+
+/// Creates the monthly partitions of `events` that rows at `times` go into, if they do not exist.
+pub async fn ensure_months<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    times: impl IntoIterator<Item = DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    let mut months: Vec<DateTime<Utc>> = times
+        .into_iter()
+        .map(|t| {
+            Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                .single()
+                .expect("the first of a month at midnight UTC exists")
+        })
+        .collect();
+    months.sort_unstable();
+    months.dedup();
+    sqlx::query("SELECT foresight_ensure_month(m) FROM UNNEST($1::timestamptz[]) AS m")
+        .bind(&months)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Appends `rows` to the audit log in the caller's transaction: rows already recorded (same id and
 /// event time, e.g. a redelivery) and repeats within the batch are skipped; the rest are chained
 /// after the newest row of their chain. Returns how many rows were inserted.
@@ -47,20 +263,7 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
         return Ok(0);
     }
     // Each month's partition exists before its rows arrive.
-    let mut months: Vec<DateTime<Utc>> = rows
-        .iter()
-        .map(|(r, _)| {
-            Utc.with_ymd_and_hms(r.time.year(), r.time.month(), 1, 0, 0, 0)
-                .single()
-                .expect("the first of a month at midnight UTC exists")
-        })
-        .collect();
-    months.sort_unstable();
-    months.dedup();
-    sqlx::query("SELECT foresight_ensure_month(m) FROM UNNEST($1::timestamptz[]) AS m")
-        .bind(&months)
-        .execute(&mut *tx)
-        .await?;
+    ensure_months(&mut *tx, rows.iter().map(|(r, _)| r.time)).await?;
 
     let chains: Vec<String> = rows
         .iter()
@@ -85,88 +288,63 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
     let mut heads: BTreeMap<String, (i64, Vec<u8>)> =
         heads.into_iter().map(|(c, s, h)| (c, (s, h))).collect();
 
-    // Digests of the rows not yet recorded, computed by Postgres from the values as stored.
-    let new: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT u.ord, foresight_row_digest(u.id, u.ty, u.entity, u.t, u.v, u.payload, u.topic, u.part, u.off) \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::jsonb[], $7::text[], $8::int[], $9::bigint[]) \
-              WITH ORDINALITY AS u(id, ty, entity, t, v, payload, topic, part, off, ord) \
+    // The rows not yet recorded: their ids and times are enough to tell.
+    let fresh: Vec<i64> = sqlx::query_scalar(
+        "SELECT u.ord FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS u(id, t, ord) \
          WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = u.id AND e.event_time = u.t) \
          ORDER BY u.ord",
     )
     .bind(rows.iter().map(|(r, _)| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| r.ty.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| r.entity.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|(r, _)| r.time).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| r.schema_version).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| &r.payload).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, p)| p.topic.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, p)| p.partition).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, p)| p.offset).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
-    if new.is_empty() {
+    if fresh.is_empty() {
         return Ok(0);
     }
+    let fresh: Vec<(&Row, &Position, &str)> = fresh
+        .into_iter()
+        .map(|ord| {
+            let i = (ord - 1) as usize;
+            (&rows[i].0, &rows[i].1, chains[i].as_str())
+        })
+        .collect();
 
-    let n = new.len();
-    let (mut ids, mut tys, mut entities, mut times, mut versions, mut payloads) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut topics, mut partitions, mut offsets, mut row_chains, mut seqs, mut prevs, mut hashes) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (ord, digest) in new {
-        let i = (ord - 1) as usize;
-        let (r, p) = rows[i];
-        let chain = &chains[i];
-        let head = heads.get_mut(chain).expect("every chain's head is locked");
-        let hash = link(&head.1, &digest);
-        ids.push(r.id);
-        tys.push(r.ty.as_str());
-        entities.push(r.entity.as_str());
-        times.push(r.time);
-        versions.push(r.schema_version);
-        payloads.push(&r.payload);
-        topics.push(p.topic.as_str());
-        partitions.push(p.partition);
-        offsets.push(p.offset);
-        row_chains.push(chain.as_str());
-        seqs.push(head.0 + 1);
-        prevs.push(std::mem::replace(&mut head.1, hash.clone()));
-        hashes.push(hash);
-        head.0 += 1;
+    // Each row's digest, as Postgres' `foresight_row_digest` computes it from the stored values
+    // (`verify` recomputes it there).
+    let mut digests: Vec<Vec<u8>> = Vec::with_capacity(fresh.len());
+    let mut texts: Vec<String> = Vec::with_capacity(fresh.len());
+    for (r, p, _) in &fresh {
+        let payload = jsonb_text(&r.payload);
+        let digest = row_digest(r, p, &payload).ok_or_else(|| {
+            sqlx::Error::Encode(
+                format!(
+                    "event {} has a time ({}) outside the audit log's years 1-9999",
+                    r.id, r.time
+                )
+                .into(),
+            )
+        })?;
+        digests.push(digest);
+        texts.push(payload);
     }
-    let inserted = sqlx::query(
-        "INSERT INTO events (id, type, entity, event_time, schema_version, payload, source_topic, source_partition, source_offset, chain, seq, prev_hash, hash) \
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int[], $6::jsonb[], $7::text[], $8::int[], $9::bigint[], $10::text[], $11::bigint[], $12::bytea[], $13::bytea[])",
-    )
-    .bind(&ids)
-    .bind(&tys)
-    .bind(&entities)
-    .bind(&times)
-    .bind(&versions)
-    .bind(&payloads)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&row_chains)
-    .bind(&seqs)
-    .bind(&prevs)
-    .bind(&hashes)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+
+    // The new rows, chained, in one COPY: each payload crosses the wire once.
+    let mut data = String::with_capacity(fresh.len() * 512);
+    for (((r, p, chain), digest), payload) in fresh.iter().zip(&digests).zip(&texts) {
+        let head = heads.get_mut(*chain).expect("every chain's head is locked");
+        let hash = link(&head.1, digest);
+        head.0 += 1;
+        copy_row(&mut data, r, p, chain, head.0, &head.1, &hash, payload);
+        head.1 = hash;
+    }
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY events (id, type, entity, event_time, schema_version, payload, source_topic, \
+             source_partition, source_offset, chain, seq, prev_hash, hash) FROM STDIN",
+        )
+        .await?;
+    copy.send(data.into_bytes()).await?;
+    let inserted = copy.finish().await?;
     let (c, s, h): (Vec<&str>, Vec<i64>, Vec<&[u8]>) = heads
         .iter()
         .map(|(c, (s, h))| (c.as_str(), *s, h.as_slice()))

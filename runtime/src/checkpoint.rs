@@ -6,6 +6,13 @@
 //! offsets is acknowledged by the broker, so a restored instance neither loses an output (it
 //! re-reads from the offsets) nor folds an input twice (the state already holds everything before
 //! them).
+//!
+//! **Fencing.** During a rebalance two instances can briefly both hold a partition: the one it
+//! was revoked from may still be writing a checkpoint its successor never sees, or sees half of
+//! (the state of one, the offsets of the other). So restoring a partition claims it: the claim
+//! takes the partition's next epoch (`partition_owners`, migration 0007), and a checkpoint is
+//! written only under the epoch it was restored with, checked under a row lock in the
+//! checkpoint's own transaction. A fenced-off instance writes nothing more for the partition.
 
 use std::collections::HashMap;
 
@@ -17,31 +24,68 @@ const CHUNK: usize = 2000;
 
 /// Where a stage's checkpoints live: its consumer group's rows.
 #[derive(Debug, Clone)]
-pub(crate) struct CheckpointStore {
+pub struct CheckpointStore {
     pool: PgPool,
     group: String,
 }
 
 /// A partition's last checkpoint.
 #[derive(Debug, Default)]
-pub(crate) struct Restored {
+pub struct Restored {
+    /// The epoch of this instance's claim on the partition: its checkpoints are written under it.
+    pub epoch: i64,
     /// Next offset to read, per input topic (topics never checkpointed are absent).
-    pub(crate) offsets: HashMap<String, i64>,
+    pub offsets: HashMap<String, i64>,
     /// The state entries the partition owns.
-    pub(crate) entries: Vec<(String, Vec<u8>)>,
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+/// Why a checkpoint was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// Postgres failed (or is away): retry.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Another instance has claimed the partition since this one restored it.
+    #[error("partition claimed by another instance (epoch {current}, ours {ours})")]
+    Fenced {
+        /// The epoch this instance restored the partition with.
+        ours: i64,
+        /// The partition's epoch now.
+        current: i64,
+    },
 }
 
 impl CheckpointStore {
-    pub(crate) fn new(pool: PgPool, group: String) -> Self {
+    /// The checkpoints of consumer group `group` (one per stage).
+    pub fn new(pool: PgPool, group: String) -> Self {
         Self { pool, group }
     }
 
-    /// The last checkpoint of `partition` of the given input topics.
-    pub(crate) async fn load(
+    /// Claims `partition` (its next epoch, so that an earlier holder can write no more) and reads
+    /// its last checkpoint of the given input topics. `owner` names this instance for operators.
+    pub async fn load(
         &self,
         partition: i32,
         topics: &[String],
+        owner: &str,
     ) -> Result<Restored, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Waits for an earlier holder's checkpoint being written (it holds the row's lock), so
+        // what is read below includes it.
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO partition_owners (consumer_group, partition, epoch, owner) \
+             VALUES ($1, $2, 1, $3) \
+             ON CONFLICT (consumer_group, partition) DO UPDATE \
+             SET epoch = partition_owners.epoch + 1, owner = EXCLUDED.owner, \
+                 claimed_at = clock_timestamp() \
+             RETURNING epoch",
+        )
+        .bind(&self.group)
+        .bind(partition)
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
         let offsets: Vec<(String, i64)> = sqlx::query_as(
             "SELECT topic, next_offset FROM consumer_offsets \
              WHERE consumer_group = $1 AND partition = $2 AND topic = ANY($3)",
@@ -49,7 +93,7 @@ impl CheckpointStore {
         .bind(&self.group)
         .bind(partition)
         .bind(topics)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         let entries: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT key, state FROM stage_state WHERE consumer_group = $1 AND partition = $2 \
@@ -57,33 +101,51 @@ impl CheckpointStore {
         )
         .bind(&self.group)
         .bind(partition)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(Restored {
+            epoch,
             offsets: offsets.into_iter().collect(),
             entries,
         })
     }
 
-    /// Writes one checkpoint of `partition`: its state changes and its input offsets, atomically.
-    pub(crate) async fn save(
+    /// Writes one checkpoint of `partition`: its state changes and its input offsets,
+    /// atomically, if the partition is still this instance's (`epoch`, from [`Self::load`]).
+    pub async fn save(
         &self,
         partition: i32,
+        epoch: i64,
         offsets: &[(String, i64)],
-        changes: Vec<StateChange>,
-    ) -> Result<(), sqlx::Error> {
+        changes: &[StateChange],
+    ) -> Result<(), SaveError> {
         let mut puts: (Vec<String>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
         let mut deletes: Vec<String> = Vec::new();
         for change in changes {
             match change {
                 StateChange::Put { key, value } => {
-                    puts.0.push(key);
-                    puts.1.push(value);
+                    puts.0.push(key.clone());
+                    puts.1.push(value.clone());
                 }
-                StateChange::Delete { key } => deletes.push(key),
+                StateChange::Delete { key } => deletes.push(key.clone()),
             }
         }
         let mut tx = self.pool.begin().await?;
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT epoch FROM partition_owners WHERE consumer_group = $1 AND partition = $2 \
+             FOR UPDATE",
+        )
+        .bind(&self.group)
+        .bind(partition)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if current != Some(epoch) {
+            return Err(SaveError::Fenced {
+                ours: epoch,
+                current: current.unwrap_or_default(),
+            });
+        }
         for (keys, states) in puts.0.chunks(CHUNK).zip(puts.1.chunks(CHUNK)) {
             sqlx::query(
                 "INSERT INTO stage_state (consumer_group, key, partition, state) \
@@ -122,6 +184,6 @@ impl CheckpointStore {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 }

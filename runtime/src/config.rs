@@ -3,7 +3,11 @@
 //! Environment keys use `__` between levels: `FORESIGHT_KAFKA__BROKERS=host:9092` sets
 //! `kafka.brokers`. Every problem is reported at once, each with the key it is about.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use figment::{
     Figment,
@@ -28,7 +32,9 @@ pub struct KafkaConfig {
     pub group_prefix: String,
     /// Partitions of topics Foresight creates itself (`foresight topics create`).
     pub partitions: i32,
-    /// Extra librdkafka properties for every client (security settings go here).
+    /// Encryption and authentication of every client (consumers, producers, admin).
+    pub security: KafkaSecurity,
+    /// Extra librdkafka properties for every client (tuning; `security` covers TLS and SASL).
     pub client: BTreeMap<String, String>,
     /// Extra librdkafka properties for consumers only.
     pub consumer: BTreeMap<String, String>,
@@ -43,11 +49,252 @@ impl Default for KafkaConfig {
             topic_prefix: "foresight.".into(),
             group_prefix: "foresight-".into(),
             partitions: 3,
+            security: KafkaSecurity::default(),
             client: BTreeMap::new(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
         }
     }
+}
+
+/// A secret value (a password): never printed by `Debug`, and replaced by `***` in
+/// [`Config::redacted`]. Set it from the environment (`FORESIGHT_..._PASSWORD`) or name a file
+/// with the `*_file` key beside it rather than writing it into the configuration file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Why a secret could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: cannot read {}: {source}", path.display())]
+pub struct SecretError {
+    /// The configuration key that names the file.
+    pub key: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+/// A secret given inline (from the environment) or in a file; the file wins, so a mounted
+/// secret can replace one set at build time. A file's trailing newline is not part of it.
+pub fn resolve_secret(
+    inline: Option<&Secret>,
+    file: Option<&Path>,
+    key: &'static str,
+) -> Result<Option<String>, SecretError> {
+    match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|source| SecretError {
+                key,
+                path: path.to_owned(),
+                source,
+            }),
+        None => Ok(inline.map(|s| s.0.clone())),
+    }
+}
+
+/// How Kafka clients reach the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No encryption, no authentication (a trusted network only).
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL authentication without encryption.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's name of it.
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    fn sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// A SASL mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// User name and password in the clear (inside TLS only, please).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// Salted challenge-response, SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// Salted challenge-response, SHA-512.
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's (and Kafka's) name of it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// TLS and SASL settings shared by every Kafka client of the process.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSecurity {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: SecurityProtocol,
+    /// CA certificates (PEM) the brokers' certificates must chain to; the system's store if unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for brokers that require mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Skip the check that a broker's certificate names the host connected to. Only for brokers
+    /// addressed by a name their certificate lacks; the chain is verified either way.
+    pub skip_hostname_verification: bool,
+    /// SASL mechanism (with a `sasl_*` protocol).
+    pub sasl_mechanism: SaslMechanism,
+    /// SASL user name.
+    pub username: Option<String>,
+    /// SASL password; set it as `FORESIGHT_KAFKA__SECURITY__PASSWORD`, or use `password_file`.
+    pub password: Option<Secret>,
+    /// File holding the SASL password (wins over `password`).
+    pub password_file: Option<PathBuf>,
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties these settings stand for (reading the password file).
+    pub fn properties(&self) -> Result<Vec<(&'static str, String)>, SecretError> {
+        let mut props = vec![(
+            "security.protocol",
+            self.protocol.as_librdkafka().to_owned(),
+        )];
+        let path = |p: &Path| p.display().to_string();
+        if self.protocol.tls() {
+            if let Some(ca) = &self.ca_file {
+                props.push(("ssl.ca.location", path(ca)));
+            }
+            if let Some(cert) = &self.cert_file {
+                props.push(("ssl.certificate.location", path(cert)));
+            }
+            if let Some(key) = &self.key_file {
+                props.push(("ssl.key.location", path(key)));
+            }
+            props.push((
+                "ssl.endpoint.identification.algorithm",
+                if self.skip_hostname_verification {
+                    "none"
+                } else {
+                    "https"
+                }
+                .to_owned(),
+            ));
+        }
+        if self.protocol.sasl() {
+            props.push(("sasl.mechanism", self.sasl_mechanism.as_str().to_owned()));
+            if let Some(user) = &self.username {
+                props.push(("sasl.username", user.clone()));
+            }
+            if let Some(password) = resolve_secret(
+                self.password.as_ref(),
+                self.password_file.as_deref(),
+                "kafka.security.password_file",
+            )? {
+                props.push(("sasl.password", password));
+            }
+        }
+        Ok(props)
+    }
+
+    fn issues(&self, add: &mut impl FnMut(&str, String)) {
+        if self.protocol.sasl()
+            && (self.username.is_none()
+                || (self.password.is_none() && self.password_file.is_none()))
+        {
+            add(
+                "kafka.security",
+                format!(
+                    "protocol {} needs username and password (or password_file)",
+                    self.protocol.as_librdkafka()
+                ),
+            );
+        }
+        if !self.protocol.sasl()
+            && (self.username.is_some() || self.password.is_some() || self.password_file.is_some())
+        {
+            add(
+                "kafka.security.protocol",
+                "SASL credentials are set but the protocol does not use SASL (sasl_ssl?)".into(),
+            );
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            add(
+                "kafka.security",
+                "cert_file and key_file go together".into(),
+            );
+        }
+        if !self.protocol.tls()
+            && (self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some())
+        {
+            add(
+                "kafka.security.protocol",
+                "TLS files are set but the protocol does not use TLS (ssl or sasl_ssl?)".into(),
+            );
+        }
+        for (key, file) in [
+            ("kafka.security.ca_file", &self.ca_file),
+            ("kafka.security.cert_file", &self.cert_file),
+            ("kafka.security.key_file", &self.key_file),
+            ("kafka.security.password_file", &self.password_file),
+        ] {
+            if let Some(file) = file
+                && !file.is_file()
+            {
+                add(key, format!("{} is not a readable file", file.display()));
+            }
+        }
+    }
+}
+
+/// TLS of the Postgres connection (libpq's `sslmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it, unverified.
+    Prefer,
+    /// TLS, unverified.
+    Require,
+    /// TLS, the certificate chain verified.
+    VerifyCa,
+    /// TLS, the chain and the host name verified.
+    VerifyFull,
 }
 
 /// The audit database.
@@ -56,6 +303,16 @@ impl Default for KafkaConfig {
 pub struct PostgresConfig {
     /// Connection URL (credentials may come from `FORESIGHT_POSTGRES__URL` instead of the file).
     pub url: String,
+    /// TLS mode. Unset: `verify-full` for any host but a local one (loopback or a Unix socket),
+    /// for which `prefer`; an `sslmode` in the URL wins over the default, this key over both.
+    pub sslmode: Option<SslMode>,
+    /// CA certificates (PEM) the server's certificate must chain to; the system's store if unset.
+    pub ca_file: Option<PathBuf>,
+    /// Password (wins over one in the URL); set it as `FORESIGHT_POSTGRES__PASSWORD`, or use
+    /// `password_file`.
+    pub password: Option<Secret>,
+    /// File holding the password (wins over `password` and the URL's).
+    pub password_file: Option<PathBuf>,
     /// Most connections in the pool.
     pub max_connections: u32,
     /// Apply pending migrations at start-up.
@@ -66,6 +323,10 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/foresight".into(),
+            sslmode: None,
+            ca_file: None,
+            password: None,
+            password_file: None,
             max_connections: 8,
             migrate: true,
         }
@@ -88,7 +349,26 @@ pub struct RunnerConfig {
     /// How long a stopping stage waits for in-flight outputs before giving up on them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Most events the recorder writes in one transaction.
+    /// The watchdog: a consumer that has read nothing for this long while its partitions hold
+    /// unread input (and back-pressure is not what holds it) is stalled; it is then replaced by
+    /// a new one, which rejoins the group and resumes from the stored offsets. `0s` turns the
+    /// watchdog off.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// How long a partition of a stage that waits for every partition (the fleet stage's
+    /// event-time watermark) must stay read to its end before it stops holding the watermark
+    /// back. An upstream stage that is briefly behind on a partition (starting, restarting,
+    /// rebalancing) then does not close rounds without that partition's scores, which would make
+    /// the rounds depend on timing rather than on the data. The cost: when a partition goes
+    /// quiet, rounds wait this long for it.
+    #[serde(with = "humantime_serde")]
+    pub idle_grace: Duration,
+    /// Most bytes of the original record a dead letter keeps (the rest is cut, and its reason
+    /// says so), so that it fits the producer's `message.max.bytes` (librdkafka: 1 MB) with the
+    /// original's headers.
+    pub dead_letter_max_bytes: usize,
+    /// Most events the recorder reads into one batch; each source partition's share is written in
+    /// a transaction of its own, the partitions concurrently (bounded by `postgres.max_connections`).
     pub recorder_batch: usize,
     /// Longest the recorder waits to fill a batch.
     #[serde(with = "humantime_serde")]
@@ -105,7 +385,10 @@ impl Default for RunnerConfig {
             commit_interval: Duration::from_millis(500),
             checkpoint_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
-            recorder_batch: 1000,
+            stall_timeout: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(30),
+            dead_letter_max_bytes: 512 * 1024,
+            recorder_batch: 4000,
             recorder_linger: Duration::from_millis(50),
             recorder_score_sample: 1.0,
         }
@@ -164,6 +447,9 @@ pub struct Config {
     /// Training of the failure model (`foresight train`): data window, hold-out, promotion.
     #[serde(default)]
     pub training: crate::train::TrainingConfig,
+    /// Observability of Foresight itself: health and metrics endpoints, OTLP export.
+    #[serde(default)]
+    pub observability: crate::telemetry::ObservabilityConfig,
 }
 
 /// One configuration problem, with the key it is about.
@@ -186,7 +472,7 @@ impl std::fmt::Display for ConfigIssue {
 #[error("{} configuration error(s):\n{}", .0.len(), .0.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<ConfigIssue>);
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "kafka",
     "postgres",
     "runner",
@@ -198,6 +484,7 @@ const SECTIONS: [&str; 11] = [
     "allocator",
     "actuators",
     "training",
+    "observability",
 ];
 
 impl Config {
@@ -298,6 +585,7 @@ impl Config {
             allocator: section(figment, "allocator", &mut issues),
             actuators: section(figment, "actuators", &mut issues),
             training: section(figment, "training", &mut issues),
+            observability: section(figment, "observability", &mut issues),
         };
         // Values that parsed but cannot work, in the sections that parsed (a section that did not
         // parse holds defaults, which would only add noise).
@@ -331,6 +619,18 @@ impl Config {
         }
         if self.kafka.partitions < 1 {
             add("kafka.partitions", "must be at least 1".into());
+        }
+        self.kafka.security.issues(&mut add);
+        if self.postgres.ca_file.as_ref().is_some_and(|f| !f.is_file()) {
+            add("postgres.ca_file", "is not a readable file".into());
+        }
+        if self
+            .postgres
+            .password_file
+            .as_ref()
+            .is_some_and(|f| !f.is_file())
+        {
+            add("postgres.password_file", "is not a readable file".into());
         }
         if self.runner.max_in_flight == 0 {
             add("runner.max_in_flight", "must be at least 1".into());
@@ -373,6 +673,9 @@ impl Config {
         for (key, message) in self.training.validate() {
             add(&format!("training.{key}"), message);
         }
+        for (key, message) in self.observability.validate() {
+            add(&format!("observability.{key}"), message);
+        }
         issues
     }
 }
@@ -403,6 +706,19 @@ impl Config {
     pub fn redacted(&self) -> Self {
         let mut c = self.clone();
         c.postgres.url = redact_url(&c.postgres.url);
+        let hide = |s: &mut Option<Secret>| {
+            if let Some(s) = s {
+                s.0 = "***".into();
+            }
+        };
+        hide(&mut c.postgres.password);
+        hide(&mut c.kafka.security.password);
+        for v in c.observability.otlp_headers.values_mut() {
+            *v = "***".into();
+        }
+        if let Some(e) = &mut c.observability.otlp_endpoint {
+            *e = redact_url(e);
+        }
         for props in [
             &mut c.kafka.client,
             &mut c.kafka.consumer,
@@ -508,6 +824,34 @@ mod tests {
         assert!(keys.contains(&"kafka.brokers"), "{err}");
         assert!(keys.contains(&"features.window"), "{err}");
         assert!(keys.contains(&"runner.max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn kafka_security_maps_to_librdkafka_and_is_checked() {
+        let security = KafkaSecurity {
+            protocol: SecurityProtocol::SaslSsl,
+            ca_file: Some("/etc/ca.pem".into()),
+            username: Some("u".into()),
+            password: Some(Secret("p".into())),
+            ..KafkaSecurity::default()
+        };
+        let props: BTreeMap<_, _> = security.properties().unwrap().into_iter().collect();
+        assert_eq!(props["security.protocol"], "sasl_ssl");
+        assert_eq!(props["ssl.ca.location"], "/etc/ca.pem");
+        assert_eq!(props["ssl.endpoint.identification.algorithm"], "https");
+        assert_eq!(props["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(props["sasl.password"], "p");
+        assert_eq!(format!("{security:?}").matches("***").count(), 1);
+        let err =
+            load_str("[kafka.security]\nprotocol = \"sasl_ssl\"\nusername = \"u\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("needs username and password"),
+            "{err}"
+        );
+        let err = load_str("[kafka.security]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"kafka.security.protocol"), "{err}");
+        assert!(keys.contains(&"kafka.security.ca_file"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, f64::consts::TAU};
 
 use chrono::{DateTime, Duration as Delta, Utc};
-use foresight_events::{Band, Decision, EntityId, FailureReport, MetricSample, RiskScore};
+use foresight_events::{EntityId, FailureReport, MetricSample};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 
@@ -44,8 +44,10 @@ pub enum Degradation {
     DiskFilling,
     /// Temperature drifts up until thermal shutdown.
     ThermalDrift,
-    /// A dependency fails: latency jumps with no warning.
+    /// A dependency fails: latency jumps with no warning (and its callers slow down with it).
     DependencyOutage,
+    /// Error logs swell from a trickle to a storm until the service crashes.
+    ErrorLogStorm,
 }
 
 impl Degradation {
@@ -55,6 +57,7 @@ impl Degradation {
             Degradation::DiskFilling => "disk_full",
             Degradation::ThermalDrift => "thermal_shutdown",
             Degradation::DependencyOutage => "dependency_outage",
+            Degradation::ErrorLogStorm => "crash",
         }
     }
 }
@@ -64,6 +67,14 @@ impl Degradation {
 pub struct Fleet {
     /// Samples, ordered by time.
     pub samples: Vec<MetricSample>,
+    /// Logs and traces as OTLP/JSON messages (as the OpenTelemetry Collector's Kafka exporter
+    /// writes them), with their time: each service's log records and its calls to the services
+    /// it depends on, one message per service per minute.
+    pub otlp: Vec<(DateTime<Utc>, String)>,
+    /// Which service calls which (caller, callee).
+    pub dependencies: Vec<(EntityId, EntityId)>,
+    /// Which node each service runs on.
+    pub placement: Vec<(EntityId, EntityId)>,
     /// Failures (the labels).
     pub failures: Vec<FailureReport>,
     /// Which entity got which degradation, from when.
@@ -94,6 +105,16 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
         .into_iter()
         .map(|s| id(s.to_owned()))
         .collect();
+    // Services run on nodes that are not degraded; checkout calls payments and search.
+    let placement: Vec<(EntityId, EntityId)> = services
+        .iter()
+        .zip([0, 1, 3])
+        .map(|(svc, n)| (svc.clone(), nodes[n % nodes.len()].clone()))
+        .collect();
+    let dependencies = vec![
+        (services[0].clone(), services[1].clone()),
+        (services[0].clone(), services[2].clone()),
+    ];
     let mut series = Vec::new();
     for node in &nodes {
         let cpu = rng.gen_range(25.0..55.0);
@@ -169,6 +190,24 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
     let mut samples = Vec::with_capacity(series.len() * total_steps as usize);
     let mut failed: BTreeMap<EntityId, DateTime<Utc>> = BTreeMap::new();
     let mut failures = Vec::new();
+    // The error-log storm on search: from a trickle of errors to a storm, then a crash.
+    let (storm_start, storm_hours) = (0.55 * h, 0.12 * h);
+    let crash = hour(storm_start + storm_hours);
+    failed.insert(services[2].clone(), crash);
+    failures.push(FailureReport {
+        entity: services[2].clone(),
+        time: crash,
+        kind: Degradation::ErrorLogStorm.failure_kind().to_owned(),
+        detail: "error logs stormed until the process crashed".into(),
+    });
+    let outage = plan[3].3;
+    let labels_of: BTreeMap<EntityId, std::sync::Arc<BTreeMap<String, String>>> = placement
+        .iter()
+        .map(|(svc, node)| {
+            let labels = BTreeMap::from([("node".to_owned(), node.to_string())]);
+            (svc.clone(), std::sync::Arc::new(labels))
+        })
+        .collect();
     for step in 0..total_steps {
         let t = spec.start + Delta::seconds(step * spec.step_seconds as i64);
         let hours = (step * spec.step_seconds as i64) as f64 / 3600.0;
@@ -191,6 +230,8 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
                         value += (101.0 - s.base) * progress.min(1.2);
                     }
                     Degradation::ThermalDrift => value += (92.0 - s.base) * progress.min(1.2),
+                    // Not in the plan: the storm is in the logs (see `otlp_messages`).
+                    Degradation::ErrorLogStorm => {}
                     Degradation::DependencyOutage => {
                         if hours - start_h < 0.5 {
                             value = 900.0 + 100.0 * rng.r#gen::<f64>();
@@ -198,13 +239,17 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
                     }
                 }
             }
+            // Checkout waits on payments: slower while payments is out.
+            if s.entity == services[0] && hours >= outage && hours - outage < 0.5 {
+                value += 250.0 + 50.0 * rng.r#gen::<f64>();
+            }
             let value = value.clamp(s.lo, s.hi);
             samples.push(MetricSample {
                 entity: s.entity.clone(),
                 metric: s.metric.to_owned(),
                 time: t,
                 value,
-                labels: Default::default(),
+                labels: labels_of.get(&s.entity).cloned().unwrap_or_default(),
                 kind: Default::default(),
             });
             let limit_hit = match s.metric {
@@ -230,152 +275,162 @@ pub fn generate(spec: &FleetSpec) -> Fleet {
             }
         }
     }
-    let injected = plan.iter().map(|p| (p.0.clone(), p.2, hour(p.3))).collect();
+    let mut injected: Vec<_> = plan.iter().map(|p| (p.0.clone(), p.2, hour(p.3))).collect();
+    injected.push((
+        services[2].clone(),
+        Degradation::ErrorLogStorm,
+        hour(storm_start),
+    ));
+    failures.sort_by_key(|f| f.time);
+    let otlp = otlp_messages(
+        spec,
+        total_steps,
+        &services,
+        &dependencies,
+        &failed,
+        (storm_start, storm_hours),
+        outage,
+    );
     let mut entities: Vec<EntityId> = nodes.into_iter().chain(services).collect();
     entities.sort();
     Fleet {
         samples,
+        otlp,
+        dependencies,
+        placement,
         failures,
         injected,
         entities,
     }
 }
 
-/// How one failure was seen coming.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FailureCatch {
-    /// The failure.
-    pub failure: FailureReport,
-    /// When the entity's score first reached the high band before the failure (within the lookback).
-    pub first_high: Option<DateTime<Utc>>,
-    /// The first decision about the entity before the failure (within the lookback).
-    pub first_decision: Option<Decision>,
-}
-
-impl FailureCatch {
-    /// How long before the failure the high band was reached.
-    pub fn lead_time(&self) -> Option<Delta> {
-        self.first_high.map(|t| self.failure.time - t)
-    }
-}
-
-/// Headline numbers of a run against known failures.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Evaluation {
-    /// One row per failure.
-    pub catches: Vec<FailureCatch>,
-    /// Decisions about entities that did not fail within the score horizon afterwards.
-    pub false_alarm_decisions: usize,
-    /// False alarms per entity per day.
-    pub false_alarms_per_entity_day: f64,
-    /// Calibration of the scores against what happened: each score's probability against whether
-    /// its entity failed within the score's horizon after it (scores after an entity's failure are
-    /// left out: it had already failed).
-    pub calibration: Calibration,
-}
-
-/// How well probabilities match frequencies.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Calibration {
-    /// Scores compared.
-    pub scores: usize,
-    /// Mean squared error of the probability against the outcome (0 or 1): 0 is perfect.
-    pub brier: f64,
-    /// The Brier score of always predicting the observed base rate, for reference.
-    pub brier_base_rate: f64,
-    /// Reliability diagram: for probability bins `[i/10, (i+1)/10)`, (bin, scores in it, mean
-    /// predicted probability, observed failure frequency); empty bins are left out.
-    pub reliability: Vec<(usize, usize, f64, f64)>,
-}
-
-/// Compares each score's probability with whether its entity failed within its horizon.
-pub fn calibration(scores: &[RiskScore], failures: &[FailureReport]) -> Calibration {
-    let mut pairs = Vec::new();
-    for s in scores {
-        let horizon = Delta::seconds(s.horizon_seconds as i64);
-        let mine = || failures.iter().filter(|f| f.entity == s.entity);
-        if mine().any(|f| f.time < s.time) {
-            continue;
-        }
-        let failed = mine().any(|f| f.time <= s.time + horizon);
-        pairs.push((s.probability, if failed { 1.0 } else { 0.0 }));
-    }
-    let n = pairs.len().max(1) as f64;
-    let brier = pairs.iter().map(|(p, y)| (p - y).powi(2)).sum::<f64>() / n;
-    let rate = pairs.iter().map(|(_, y)| y).sum::<f64>() / n;
-    let brier_base_rate = pairs.iter().map(|(_, y)| (rate - y).powi(2)).sum::<f64>() / n;
-    let mut bins = [(0usize, 0.0f64, 0.0f64); 10];
-    for (p, y) in &pairs {
-        let b = ((p * 10.0) as usize).min(9);
-        bins[b].0 += 1;
-        bins[b].1 += p;
-        bins[b].2 += y;
-    }
-    let reliability = bins
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| b.0 > 0)
-        .map(|(i, b)| (i, b.0, b.1 / b.0 as f64, b.2 / b.0 as f64))
-        .collect();
-    Calibration {
-        scores: pairs.len(),
-        brier,
-        brier_base_rate,
-        reliability,
-    }
-}
-
-/// Compares scores and decisions with the failures that happened. A high-band score or a decision
-/// counts for a failure if it came within `lookback` before it; a decision is a false alarm if its
-/// entity did not fail within the score's horizon after it.
-pub fn evaluate(
-    scores: &[RiskScore],
-    decisions: &[Decision],
-    failures: &[FailureReport],
-    lookback: Delta,
-    entities: usize,
-    days: f64,
-) -> Evaluation {
-    let catches = failures
-        .iter()
-        .map(|f| {
-            let in_window = |entity: &EntityId, t: DateTime<Utc>| {
-                entity == &f.entity && t <= f.time && t >= f.time - lookback
-            };
-            FailureCatch {
-                failure: f.clone(),
-                first_high: scores
-                    .iter()
-                    .filter(|s| s.band == Band::High && in_window(&s.entity, s.time))
-                    .map(|s| s.time)
-                    .min(),
-                first_decision: decisions
-                    .iter()
-                    .filter(|d| in_window(&d.entity, d.time))
-                    .min_by_key(|d| d.time)
-                    .cloned(),
+/// Logs and calls of the services, one OTLP/JSON message per service per minute: a few log
+/// records (errors rare, then storming on search before its crash, and frequent on payments while
+/// it is out), and checkout's calls to the services it depends on (failing while the callee is
+/// out or crashing).
+fn otlp_messages(
+    spec: &FleetSpec,
+    total_steps: i64,
+    services: &[EntityId],
+    dependencies: &[(EntityId, EntityId)],
+    failed: &BTreeMap<EntityId, DateTime<Utc>>,
+    (storm_start, storm_hours): (f64, f64),
+    outage: f64,
+) -> Vec<(DateTime<Utc>, String)> {
+    // Its own generator: the metric samples stay what they were without logs and traces.
+    let mut rng = StdRng::seed_from_u64(spec.seed ^ 0x6c6f_6773);
+    let mut out = Vec::new();
+    let mut span_id: u64 = 0;
+    let steps_per_minute = (60 / spec.step_seconds.max(1)).max(1) as i64;
+    for step in (0..total_steps).step_by(steps_per_minute as usize) {
+        let t = spec.start + Delta::seconds(step * spec.step_seconds as i64);
+        let hours = (step * spec.step_seconds as i64) as f64 / 3600.0;
+        let nanos = |offset_ms: i64| {
+            ((t + Delta::milliseconds(offset_ms))
+                .timestamp_nanos_opt()
+                .unwrap_or_default())
+            .to_string()
+        };
+        let up = |e: &EntityId| failed.get(e).is_none_or(|f| t < *f);
+        let trouble = |e: &EntityId| -> f64 {
+            if e == &services[2] && hours >= storm_start {
+                0.02 + 0.9 * ((hours - storm_start) / storm_hours).min(1.0)
+            } else if e == &services[1] && hours >= outage && hours - outage < 0.5 {
+                0.6
+            } else {
+                0.02
             }
-        })
-        .collect();
-    let horizon: BTreeMap<_, _> = scores
-        .iter()
-        .map(|s| (s.entity.clone(), s.horizon_seconds))
-        .collect();
-    let false_alarm_decisions = decisions
-        .iter()
-        .filter(|d| {
-            let h = Delta::seconds(horizon.get(&d.entity).copied().unwrap_or(0) as i64);
-            !failures.iter().any(|f| {
-                f.entity == d.entity && f.time >= d.time && f.time <= d.time + h + lookback
-            })
-        })
-        .count();
-    Evaluation {
-        calibration: calibration(scores, failures),
-        catches,
-        false_alarm_decisions,
-        false_alarms_per_entity_day: false_alarm_decisions as f64
-            / (entities as f64 * days).max(1e-9),
+        };
+        for svc in services.iter().filter(|s| up(s)) {
+            let p_error = trouble(svc);
+            let records: Vec<serde_json::Value> = (0..4)
+                .map(|i| {
+                    let n = rng.gen_range(3..400);
+                    let (severity, text, body) = if rng.r#gen::<f64>() < p_error {
+                        let body = match rng.gen_range(0..3) {
+                            0 => format!("upstream timeout after {n}ms"),
+                            1 => format!(
+                                "unhandled exception in worker {}: connection reset by peer",
+                                n % 16
+                            ),
+                            _ => format!("request failed: pool exhausted ({n} waiting)"),
+                        };
+                        (17, "ERROR", body)
+                    } else if rng.r#gen::<f64>() < 0.05 {
+                        (13, "WARN", format!("slow request: {n}ms"))
+                    } else {
+                        (9, "INFO", format!("GET /api/{} 200 in {n}ms", svc.as_str()))
+                    };
+                    serde_json::json!({
+                        "timeUnixNano": nanos(i * 10_000),
+                        "severityNumber": severity,
+                        "severityText": text,
+                        "body": {"stringValue": body},
+                    })
+                })
+                .collect();
+            let logs = serde_json::json!({"resourceLogs": [{
+                "resource": {"attributes": [
+                    {"key": "service.name", "value": {"stringValue": svc.as_str()}}
+                ]},
+                "scopeLogs": [{"logRecords": records}],
+            }]});
+            out.push((t, logs.to_string()));
+            let calls: Vec<serde_json::Value> = dependencies
+                .iter()
+                .filter(|(caller, _)| caller == svc)
+                .flat_map(|(_, callee)| {
+                    let p_fail = if up(callee) { trouble(callee) } else { 1.0 };
+                    (0..3)
+                        .map(|i| {
+                            span_id += 1;
+                            let latency = rng.gen_range(20..120) as i64;
+                            let error = rng.r#gen::<f64>() < p_fail;
+                            serde_json::json!({
+                                "traceId": format!("{span_id:032x}"),
+                                "spanId": format!("{span_id:016x}"),
+                                "name": format!("call {}", callee.as_str()),
+                                "kind": 3,
+                                "startTimeUnixNano": nanos(i * 15_000),
+                                "endTimeUnixNano": nanos(i * 15_000 + latency),
+                                "attributes": [
+                                    {"key": "peer.service", "value": {"stringValue": callee.as_str()}}
+                                ],
+                                "status": {"code": if error { 2 } else { 1 }},
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if !calls.is_empty() {
+                let traces = serde_json::json!({"resourceSpans": [{
+                    "resource": {"attributes": [
+                        {"key": "service.name", "value": {"stringValue": svc.as_str()}}
+                    ]},
+                    "scopeSpans": [{"spans": calls}],
+                }]});
+                out.push((t, traces.to_string()));
+            }
+        }
+    }
+    out
+}
+
+impl Fleet {
+    /// Every message as a JSON line, in time order: native JSON samples, then the OTLP/JSON logs
+    /// and traces of the same minute. What `foresight replay` reads, and what a live pipeline
+    /// would be sent.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.samples.len() + self.otlp.len());
+        let mut otlp = self.otlp.iter().peekable();
+        for s in &self.samples {
+            while let Some((_, m)) = otlp.next_if(|(t, _)| *t < s.time) {
+                out.push(m.clone());
+            }
+            out.push(serde_json::to_string(s).expect("samples serialise"));
+        }
+        out.extend(otlp.map(|(_, m)| m.clone()));
+        out
     }
 }
 
@@ -407,52 +462,51 @@ mod tests {
         }
     }
 
+    /// The logs and traces decode without a rejection, and make the dependency edges.
     #[test]
-    fn calibration_scores_probabilities_against_outcomes() {
-        let t = |m: i64| DateTime::<Utc>::from_timestamp(m * 60, 0).unwrap();
-        let e = EntityId::new("n").unwrap();
-        let score = |minute: i64, p: f64| RiskScore {
-            entity: e.clone(),
-            time: t(minute),
-            window_id: foresight_events::EventId::derive("w", &[&minute.to_le_bytes()]),
-            horizon_seconds: 600,
-            probability: p,
-            lower: p,
-            upper: p,
-            time_to_failure_seconds: None,
-            health: 100.0 * (1.0 - p),
-            band: Band::Low,
-            contributors: Vec::new(),
-            method: foresight_events::ScoreMethod::Prior,
-            model_version: "t".into(),
-            signals: Default::default(),
-            observed: Default::default(),
-            blast_radius: vec![],
-            impact: 1.0,
-            rank: None,
-        };
-        let failure = FailureReport {
-            entity: e.clone(),
-            time: t(100),
-            kind: "crash".into(),
-            detail: String::new(),
-        };
-        // Certain and right: 0 before the horizon reaches the failure, 1 within it; the score
-        // after the failure is left out.
-        let perfect = [
-            score(0, 0.0),
-            score(50, 0.0),
-            score(95, 1.0),
-            score(120, 0.3),
-        ];
-        let c = calibration(&perfect, std::slice::from_ref(&failure));
-        assert_eq!(c.scores, 3);
-        assert_eq!(c.brier, 0.0);
-        assert!(c.brier_base_rate > 0.2);
-        // Always one half: a Brier score of a quarter, all in one bin.
-        let half = [score(0, 0.5), score(95, 0.5)];
-        let c = calibration(&half, &[failure]);
-        assert!((c.brier - 0.25).abs() < 1e-12);
-        assert_eq!(c.reliability, vec![(5, 2, 0.5, 0.5)]);
+    fn logs_and_traces_decode_into_edges_and_log_records() {
+        let fleet = generate(&FleetSpec {
+            nodes: 7,
+            hours: 12,
+            ..FleetSpec::default()
+        });
+        let decoder = foresight_ingest::Decoder::new(Default::default());
+        let (mut logs, mut edges, mut errors) = (0, BTreeMap::new(), 0);
+        for (t, m) in &fleet.otlp {
+            let d = decoder.decode(
+                m.as_bytes(),
+                foresight_ingest::Format::Auto,
+                foresight_ingest::Signal::Metrics,
+                None,
+                Some(*t),
+            );
+            assert!(d.rejections.is_empty(), "{:?}", d.rejections);
+            for t in d.telemetry {
+                match t {
+                    foresight_events::Telemetry::Log(l) => {
+                        logs += 1;
+                        errors += usize::from(l.severity == foresight_events::Severity::Error);
+                    }
+                    foresight_events::Telemetry::Edge(e) => {
+                        *edges
+                            .entry((e.caller.to_string(), e.callee.to_string()))
+                            .or_insert(0) += e.calls;
+                    }
+                    foresight_events::Telemetry::Sample(_) => {}
+                }
+            }
+        }
+        assert!(logs > 1000 && errors > 50, "{logs} logs, {errors} errors");
+        let pairs: Vec<_> = edges.keys().cloned().collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("svc-checkout".to_owned(), "svc-payments".to_owned()),
+                ("svc-checkout".to_owned(), "svc-search".to_owned()),
+            ]
+        );
+        assert!(fleet.failures.iter().any(|f| f.kind == "crash"));
+        let lines = fleet.lines();
+        assert_eq!(lines.len(), fleet.samples.len() + fleet.otlp.len());
     }
 }

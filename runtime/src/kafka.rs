@@ -1,7 +1,8 @@
 //! Kafka clients, topic names and topic creation.
 
 use std::{
-    sync::{Mutex, PoisonError},
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -11,7 +12,8 @@ use rdkafka::{
     client::DefaultClientContext,
     consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
-    producer::FutureProducer,
+    producer::{BaseProducer, FutureProducer, Producer as _, ProducerContext},
+    statistics::Statistics,
     types::RDKafkaErrorCode,
 };
 
@@ -81,13 +83,153 @@ impl Topics {
     }
 }
 
-fn base(config: &KafkaConfig) -> ClientConfig {
+/// What every client shares: the brokers, TLS and SASL (`kafka.security`), then the extra
+/// properties of `kafka.client`.
+fn base(config: &KafkaConfig) -> Result<ClientConfig, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
+    let security = config
+        .security
+        .properties()
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    for (k, v) in security {
+        c.set(k, v);
+    }
     for (k, v) in &config.client {
         c.set(k, v);
     }
-    c
+    Ok(c)
+}
+
+/// Why the brokers could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The client could not be created (e.g. an unreadable certificate or password file).
+    #[error("Kafka client: {0}")]
+    Client(KafkaError),
+    /// The brokers refused us: wrong credentials, or a TLS certificate that does not verify.
+    #[error("Kafka brokers {brokers} refused the connection: {reason}")]
+    Refused {
+        /// The bootstrap servers.
+        brokers: String,
+        /// librdkafka's own words.
+        reason: String,
+    },
+    /// No broker answered in time.
+    #[error("Kafka brokers {brokers} unreachable within {timeout:?}: {reason}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last error librdkafka reported, if any.
+        reason: String,
+    },
+}
+
+impl ConnectError {
+    /// Whether waiting may help: no broker answered (none listening yet, or one too busy to
+    /// answer in time), as opposed to a refusal or an answer in another protocol (a plaintext
+    /// client at a TLS listener is disconnected while it asks for API versions).
+    pub fn transient(&self) -> bool {
+        match self {
+            Self::Unreachable { reason, .. } => {
+                let r = reason.to_ascii_lowercase();
+                r.is_empty()
+                    || r.contains("connection refused")
+                    || r.contains("timed out")
+                    || r.contains("all broker connections are down")
+            }
+            Self::Client(_) | Self::Refused { .. } => false,
+        }
+    }
+}
+
+/// Client context that keeps the last error librdkafka reported (authentication and TLS
+/// failures come only this way: a request then just times out).
+#[derive(Default)]
+struct LastError(Mutex<Option<(Option<RDKafkaErrorCode>, String)>>);
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(error = %error, reason, "Kafka client error.");
+        let code = error.rdkafka_error_code();
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // A refusal is the news: the "all brokers down" that follows it must not hide it.
+        if !last.as_ref().is_some_and(|(c, r)| refused(*c, r)) {
+            *last = Some((code, reason.to_owned()));
+        }
+    }
+}
+
+impl ProducerContext for LastError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Checks that the brokers can be reached and accept our credentials and certificates, so a
+/// misconfigured process stops at once with librdkafka's reason instead of retrying forever.
+pub async fn check_connection(config: &KafkaConfig, timeout: Duration) -> Result<(), ConnectError> {
+    // A producer, whose poll serves the error callbacks (nothing is ever produced with it).
+    let client: BaseProducer<LastError> = base(config)
+        .and_then(|c| c.create_with_context(LastError::default()))
+        .map_err(ConnectError::Client)?;
+    let brokers = config.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        loop {
+            let last = client
+                .context()
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some((code, reason)) = &last
+                && refused(*code, reason)
+            {
+                return Err(ConnectError::Refused {
+                    brokers,
+                    reason: reason.clone(),
+                });
+            }
+            let left = timeout.saturating_sub(started.elapsed());
+            client.poll(Duration::from_millis(50));
+            match client
+                .client()
+                .fetch_metadata(None, left.min(Duration::from_millis(500)))
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if left.is_zero() => {
+                    return Err(ConnectError::Unreachable {
+                        brokers,
+                        timeout,
+                        reason: last.map_or_else(|| e.to_string(), |(_, r)| r),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(ConnectError::Client(KafkaError::ClientCreation(format!(
+            "connection check panicked: {e}"
+        ))))
+    })
+}
+
+/// Whether a client error means the broker will not have us (no retry helps).
+fn refused(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+        )
+    ) || reason.contains("SSL handshake failed")
+        || reason.contains("certificate verify failed")
+        || reason.contains("SASL authentication error")
 }
 
 /// A consumer for at-least-once processing with ordered acknowledgement: offsets are stored by the
@@ -95,8 +237,9 @@ fn base(config: &KafkaConfig) -> ClientConfig {
 pub(crate) fn consumer(
     config: &KafkaConfig,
     group: &str,
+    state: Arc<ConsumerState>,
 ) -> Result<StreamConsumer<RebalanceContext>, KafkaError> {
-    consumer_with(config, group, false)
+    consumer_with(config, group, false, state)
 }
 
 /// [`consumer`], optionally reporting the end of each partition (`KafkaError::PartitionEOF`),
@@ -105,8 +248,9 @@ pub(crate) fn consumer_with(
     config: &KafkaConfig,
     group: &str,
     partition_eof: bool,
+    state: Arc<ConsumerState>,
 ) -> Result<StreamConsumer<RebalanceContext>, KafkaError> {
-    let mut c = base(config);
+    let mut c = base(config)?;
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
@@ -115,20 +259,29 @@ pub(crate) fn consumer_with(
         .set(
             "enable.partition.eof",
             if partition_eof { "true" } else { "false" },
-        );
+        )
+        // librdkafka's statistics carry each partition's consumer lag (metrics, readiness).
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     // Session and heartbeat stay at librdkafka's defaults (45 s / 3 s): a broker busy serving
     // large fetches can answer heartbeats late, and a short session then evicts a healthy
     // consumer over and over.
     for (k, v) in &config.consumer {
         c.set(k, v);
     }
-    c.create_with_context(RebalanceContext::default())
+    c.create_with_context(RebalanceContext {
+        state,
+        ..RebalanceContext::default()
+    })
 }
+
+/// How often consumers report their statistics (partition lag), unless
+/// `kafka.consumer."statistics.interval.ms"` says otherwise.
+const STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// An idempotent producer that never gives up on a message by itself (`message.timeout.ms=0`):
 /// while the broker is away, in-flight limits hold the consumer back instead of losing outputs.
 pub(crate) fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
-    let mut c = base(config);
+    let mut c = base(config)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "0")
@@ -142,7 +295,7 @@ pub(crate) fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaErro
 
 /// Creates the pipeline's topics that do not exist yet.
 pub async fn create_topics(config: &KafkaConfig, topics: &Topics) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base(config).create()?;
+    let admin: AdminClient<DefaultClientContext> = base(config)?.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .all()
         .into_iter()
@@ -166,23 +319,104 @@ pub async fn create_topics(config: &KafkaConfig, topics: &Topics) -> Result<(), 
 /// (and never stores offsets for) them and drops the state that came from them.
 #[derive(Debug, Default)]
 pub(crate) struct RebalanceContext {
-    revoked: Mutex<Vec<(String, i32)>>,
-    assigned: Mutex<Vec<(String, i32)>>,
+    /// Revocations and assignments since the runner last asked, in the order they happened (a
+    /// partition revoked and assigned back in one rebalance must end up assigned).
+    changes: Mutex<Vec<Rebalanced>>,
+    /// What health checks and metrics see of this consumer.
+    state: Arc<ConsumerState>,
+}
+
+/// One change of a consumer's assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rebalanced {
+    /// The partition (topic, number) is this consumer's now.
+    Assigned(String, i32),
+    /// It is not any more.
+    Revoked(String, i32),
+}
+
+/// A stage consumer's assignment and lag, as health checks and metrics read them.
+#[derive(Debug, Default)]
+pub struct ConsumerState {
+    /// The partitions it owns now.
+    assigned: Mutex<BTreeSet<(String, i32)>>,
+    /// Each owned partition's lag (messages between its position and the end), from the last
+    /// statistics; partitions whose lag librdkafka does not know yet are absent.
+    lag: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+impl ConsumerState {
+    /// The partitions owned now.
+    pub fn assigned(&self) -> BTreeSet<(String, i32)> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Each owned partition's last known lag.
+    pub fn lag(&self) -> BTreeMap<(String, i32), i64> {
+        self.lag
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn revoke(&self, partitions: &[(String, i32)]) {
+        let mut assigned = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in partitions {
+            assigned.remove(p);
+            lag.remove(p);
+        }
+    }
+
+    fn assign(&self, partitions: &[(String, i32)]) {
+        self.assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(partitions.iter().cloned());
+    }
+
+    fn statistics(&self, stats: &Statistics) {
+        let assigned = self.assigned();
+        let mut lag = BTreeMap::new();
+        for (topic, t) in &stats.topics {
+            for (&partition, p) in &t.partitions {
+                let key = (topic.clone(), partition);
+                // Partition -1 is librdkafka's internal one; -1 lag means not known yet.
+                if p.consumer_lag >= 0 && assigned.contains(&key) {
+                    lag.insert(key, p.consumer_lag);
+                }
+            }
+        }
+        *self.lag.lock().unwrap_or_else(PoisonError::into_inner) = lag;
+    }
 }
 
 impl RebalanceContext {
-    /// Partitions revoked since the last call.
+    /// Partitions revoked since the last call (for consumers that track only revocations).
     pub(crate) fn take_revoked(&self) -> Vec<(String, i32)> {
-        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(PoisonError::into_inner))
+        self.take_changes()
+            .into_iter()
+            .filter_map(|c| match c {
+                Rebalanced::Revoked(t, p) => Some((t, p)),
+                Rebalanced::Assigned(..) => None,
+            })
+            .collect()
     }
 
-    /// Partitions assigned since the last call.
-    pub(crate) fn take_assigned(&self) -> Vec<(String, i32)> {
-        std::mem::take(&mut *self.assigned.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Assignment changes since the last call, in order.
+    pub(crate) fn take_changes(&self) -> Vec<Rebalanced> {
+        std::mem::take(&mut *self.changes.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    fn stats(&self, statistics: Statistics) {
+        self.state.statistics(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -194,10 +428,15 @@ impl ConsumerContext for RebalanceContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 tracing::info!(?partitions, "Partitions revoked.");
-                self.revoked
+                self.state.revoke(&partitions);
+                self.changes
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .extend(partitions);
+                    .extend(
+                        partitions
+                            .into_iter()
+                            .map(|(t, p)| Rebalanced::Revoked(t, p)),
+                    );
             }
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<(String, i32)> = tpl
@@ -206,10 +445,15 @@ impl ConsumerContext for RebalanceContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 tracing::info!(?partitions, "Partitions assigned.");
-                self.assigned
+                self.state.assign(&partitions);
+                self.changes
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .extend(partitions);
+                    .extend(
+                        partitions
+                            .into_iter()
+                            .map(|(t, p)| Rebalanced::Assigned(t, p)),
+                    );
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
         }

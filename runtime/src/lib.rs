@@ -6,17 +6,26 @@
 pub mod actuator;
 pub mod anomaly;
 pub mod audit;
-mod checkpoint;
+pub mod backtest;
+pub mod checkpoint;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod health;
+pub mod init;
 pub mod kafka;
+pub mod nab;
 mod offsets;
 pub mod pipeline;
 pub mod policy;
 pub mod recorder;
 pub mod replay;
+pub mod report;
 pub mod runner;
+pub mod simulate;
+pub mod tables;
+pub mod tail;
+pub mod telemetry;
 pub mod train;
 
 use anyhow::Context as _;
@@ -44,6 +53,48 @@ pub async fn run_stages_observed(
     observer: std::sync::Arc<pipeline::Observer>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<(Stage, runner::StageReport)>> {
+    // Wrong credentials or certificates stop the process here, with the broker's reason, rather
+    // than leaving every client retrying in silence. A broker that does not answer is waited for
+    // (it may be restarting, or too busy to answer in time), as running stages wait out an outage.
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        let attempt = std::time::Duration::from_secs(30);
+        match kafka::check_connection(&config.kafka, attempt).await {
+            Ok(()) => break,
+            Err(e) if e.transient() => {
+                waited += attempt;
+                tracing::warn!(brokers = %config.kafka.brokers, error = %e, waited = ?waited, "Kafka brokers unreachable; still trying (check kafka.brokers if this goes on).");
+                if shutdown.is_cancelled() {
+                    return Ok(Vec::new());
+                }
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("checking the Kafka connection (kafka.brokers, kafka.security)"));
+            }
+        }
+    }
+    let needs_database = stages.iter().any(|s| {
+        matches!(
+            s,
+            Stage::Recorder | Stage::Features | Stage::Scoring | Stage::Fleet | Stage::Actuator
+        )
+    });
+    telemetry::observe(observer.clone(), stages);
+    let health = std::sync::Arc::new(health::Health::new(
+        stages,
+        config,
+        observer.clone(),
+        needs_database,
+    ));
+    if !config.observability.listen.is_empty() {
+        health::serve(
+            &config.observability.listen,
+            health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
     let topics = kafka::Topics::new(&config.kafka.topic_prefix);
     kafka::create_topics(&config.kafka, &topics)
         .await
@@ -56,16 +107,12 @@ pub async fn run_stages_observed(
     // The recorder writes the audit log; the feature and fleet stages checkpoint their state
     // (the fleet stage also follows the promoted failure model); the actuator claims decisions
     // in its ledger.
-    let pool = if stages.contains(&Stage::Recorder)
-        || stages.contains(&Stage::Features)
-        || stages.contains(&Stage::Fleet)
-        || stages.contains(&Stage::Actuator)
-    {
-        Some(
-            db::connect(&config.postgres)
-                .await
-                .context("connecting to Postgres; is it up? (deploy/dev/stack.sh up)")?,
-        )
+    let pool = if needs_database {
+        let pool = db::connect(&config.postgres)
+            .await
+            .context("connecting to Postgres; is it up? (deploy/dev/stack.sh up)")?;
+        let _ = health.pool.set(pool.clone());
+        Some(pool)
     } else {
         None
     };

@@ -4,17 +4,22 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use chrono::Duration as Delta;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum as _};
 use foresight::{
     Config, Stage,
     demo::{self, FleetSpec},
     pipeline::InProcess,
     replay,
+    telemetry::LogFormat,
 };
 use foresight_events::{EventData, Origin};
 use tokio_util::sync::CancellationToken;
 
 /// Foresight: predicts infrastructure failures from telemetry and decides what to do before they happen.
+///
+/// First steps: `foresight demo` (no broker, no database); `foresight init` for a starter
+/// configuration; on the local stack (`deploy/dev/stack.sh up`): `foresight run all`, then
+/// `foresight simulate --rate 2000` and `foresight tail decisions`.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -22,17 +27,12 @@ struct Cli {
     /// override both (e.g. FORESIGHT_KAFKA__BROKERS=host:9092).
     #[arg(long, short, global = true, env = "FORESIGHT_CONFIG")]
     config: Option<PathBuf>,
-    /// Log format.
+    /// Log format (on stderr); `json` writes one object per line, for log collectors. The level
+    /// comes from RUST_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,18 +49,88 @@ enum Command {
         /// Random seed (same seed, same fleet, same output).
         #[arg(long, default_value_t = 7)]
         seed: u64,
-        /// Also write the run's scores, decisions and outcomes to this directory.
+        /// Also write the run's scores, decisions, outcomes and labels to this directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Write the backtest report (one self-contained HTML file) here.
+        #[arg(long, value_name = "REPORT.html")]
+        report: Option<PathBuf>,
     },
     /// Run pipeline stages live against Kafka (and Postgres for the recorder) until SIGINT/SIGTERM.
+    ///
+    /// Serves /healthz, /readyz and /metrics on observability.listen (default 127.0.0.1:9464)
+    /// and exports traces and metrics over OTLP when observability.otlp_endpoint is set.
     Run {
-        /// Stages to run in this process; `all` runs every stage.
+        /// Stages to run in this process (features, scoring, fleet, allocator, actuator,
+        /// recorder); `all` runs every stage.
         #[arg(required = true, value_parser = parse_stage)]
         stages: Vec<StageArg>,
     },
-    /// Replay telemetry files through the pipeline in-process: one message per line, in native
-    /// JSON, OTLP/JSON or prometheus-kafka-adapter JSON (detected per line).
+    /// Write a commented starter configuration (DIR/foresight.toml) and the policy of a scenario
+    /// (DIR/policies/SCENARIO.yaml).
+    Init {
+        /// Directory to write to (created if missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The scenario whose policy to start from.
+        #[arg(long, default_value = "instances", value_parser = clap::builder::PossibleValuesParser::new(foresight::init::SCENARIOS.map(|s| s.0)))]
+        scenario: String,
+        /// Overwrite files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Produce a simulated fleet's telemetry (the demo's, with injected degradations) to the
+    /// metrics topic, live, until Ctrl-C or --duration. History from --backfill ago is produced
+    /// as fast as --rate allows, then samples follow the clock.
+    Simulate {
+        /// Samples per second, at most.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Nodes in the fleet (at least 7).
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// How far back the simulated history starts (whole hours).
+        #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+        backfill: std::time::Duration,
+        /// Random seed (same seed, same fleet).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Print a topic's events as they arrive, one line each (no consumer group position is
+    /// changed). Without --follow, stops once it has caught up.
+    Tail {
+        /// What to print.
+        #[arg(value_enum)]
+        what: foresight::tail::TailTopic,
+        /// Start from the beginning of the topic (default: the last --last messages of each
+        /// partition).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Messages per partition from before the end to start with (without --from-beginning).
+        #[arg(long, default_value_t = 10)]
+        last: i64,
+        /// Keep printing new messages until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+        /// Print each message's JSON instead of a summary line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay recorded telemetry through the pipeline in-process (ingest, features, scoring,
+    /// fleet, allocator, dry-run actuator) into a run directory: scores, decisions, outcomes,
+    /// failures and dead letters as Parquet, and summary.json. Same inputs and configuration, same
+    /// bytes.
+    ///
+    /// Inputs: JSON lines in any format ingest reads (native JSON, OTLP/JSON,
+    /// prometheus-kafka-adapter JSON; detected per line), and CSV or Parquet tables (by file
+    /// extension), long (timestamp, entity, metric, value[, labels]) or wide (timestamp[, entity],
+    /// one column per metric), read through DataFusion.
+    ///
+    /// With --failures, the run is backtested against those failure reports: precision, recall,
+    /// lead times, false alarms, NAB-style score, calibration, actions taken.
     ///
     /// With --anomaly-scores, the input is instead one entity's series as CSV
     /// (`timestamp,value[,value...]`, comma or semicolon separated) and every row gets the
@@ -73,6 +143,31 @@ enum Command {
         /// Run directory for the outputs.
         #[arg(long, default_value = "runs/latest")]
         out: PathBuf,
+        /// A query over each tabular input, as the table `input`
+        /// (e.g. "SELECT * FROM input WHERE entity LIKE 'node-%'").
+        #[arg(long)]
+        sql: Option<String>,
+        /// The entity of wide tables without an `entity` column (default: the file name).
+        #[arg(long)]
+        entity: Option<String>,
+        /// Failure reports (labels) to backtest against: JSON lines of FailureReport (bare or in
+        /// event envelopes), or CSV/Parquet with entity, timestamp, kind[, detail].
+        #[arg(long)]
+        failures: Vec<PathBuf>,
+        /// How long before a failure an alarm counts as seeing it coming (default: the scoring
+        /// horizon).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lookback: Option<std::time::Duration>,
+        /// Write the backtest report (one self-contained HTML file) here.
+        #[arg(long, value_name = "REPORT.html")]
+        report: Option<PathBuf>,
+        /// Leave the last windows open at the end of the input, as a live pipeline that is still
+        /// running has (to compare a replay with a live run).
+        #[arg(long)]
+        keep_open: bool,
+        /// No progress bar (it is shown only when stderr is a terminal anyway).
+        #[arg(long)]
+        quiet: bool,
         /// Score a CSV series row by row and write its anomaly scores to this CSV file.
         #[arg(long, value_name = "OUT.csv")]
         anomaly_scores: Option<PathBuf>,
@@ -80,6 +175,18 @@ enum Command {
         /// the first).
         #[arg(long, value_delimiter = ',', requires = "anomaly_scores")]
         columns: Vec<String>,
+    },
+    /// Query a run directory's tables (scores, decisions, outcomes, failures, dead_letters) with
+    /// SQL (DataFusion's dialect), e.g. `foresight sql runs/latest "SELECT rule, count(*) FROM
+    /// decisions GROUP BY rule"`.
+    Sql {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// The query.
+        query: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = foresight::replay::SqlFormat::Table)]
+        format: foresight::replay::SqlFormat,
     },
     /// Allocation policy tools.
     Policy {
@@ -165,7 +272,7 @@ enum ConfigCommand {
         /// The file (defaults to --config).
         file: Option<PathBuf>,
     },
-    /// Print the effective configuration as TOML-compatible JSON.
+    /// Print the effective configuration as TOML-compatible JSON (secrets replaced by ***).
     Show,
 }
 
@@ -202,19 +309,6 @@ fn parse_stage(s: &str) -> Result<StageArg, String> {
     })
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Config::load(path.map(PathBuf::as_path)).map_err(|e| {
         anyhow::anyhow!("{e}\nFix the keys above, then run `foresight config check` again.")
@@ -246,14 +340,99 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // Live commands export their telemetry as configured; the others only log.
+    let observability = match &cli.command {
+        Command::Run { .. } | Command::Simulate { .. } => load(cli.config.as_ref())?.observability,
+        _ => foresight::telemetry::ObservabilityConfig {
+            otlp_endpoint: None,
+            ..Default::default()
+        },
+    };
+    let telemetry = foresight::telemetry::init(&observability, cli.log_format)?;
+    let result = run(cli).await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Init {
+            dir,
+            scenario,
+            force,
+        } => {
+            let written = foresight::init::init(&dir, &scenario, force)?;
+            println!(
+                "Wrote {} and {}.
+Next: `foresight config check {}`, then `foresight --config {} run all`                  on the local stack (deploy/dev/stack.sh up).",
+                written.config.display(),
+                written.policy.display(),
+                written.config.display(),
+                written.config.display()
+            );
+            Ok(())
+        }
+        Command::Simulate {
+            rate,
+            duration,
+            nodes,
+            backfill,
+            seed,
+        } => {
+            let config = load(cli.config.as_ref())?;
+            let options = foresight::simulate::SimulateOptions {
+                rate,
+                duration,
+                nodes,
+                backfill,
+                seed,
+            };
+            let report =
+                foresight::simulate::simulate(&config, &options, shutdown_on_signal()?).await?;
+            println!(
+                "Produced {} samples to {}telemetry.metrics.",
+                report.produced, config.kafka.topic_prefix
+            );
+            Ok(())
+        }
+        Command::Tail {
+            what,
+            from_beginning,
+            last,
+            follow,
+            json,
+        } => {
+            let config = load(cli.config.as_ref())?;
+            let options = foresight::tail::TailOptions {
+                from_beginning,
+                last,
+                follow,
+                json,
+            };
+            let mut stdout = std::io::stdout();
+            let n =
+                foresight::tail::tail(&config, what, &options, &mut stdout, shutdown_on_signal()?)
+                    .await?;
+            if !follow {
+                eprintln!("{n} message(s).");
+            }
+            Ok(())
+        }
         Command::Demo {
             nodes,
             hours,
             seed,
             out,
-        } => run_demo(&load(cli.config.as_ref())?, nodes, hours, seed, out),
+            report,
+        } => run_demo(&load(cli.config.as_ref())?, nodes, hours, seed, out, report).await,
+        Command::Sql {
+            run_dir,
+            query,
+            format,
+        } => {
+            print!("{}", replay::sql(&run_dir, &query, format).await?);
+            Ok(())
+        }
         Command::Run { stages } => {
             let config = load(cli.config.as_ref())?;
             let stages: Vec<Stage> = if stages.iter().any(|s| matches!(s, StageArg::All)) {
@@ -284,6 +463,7 @@ async fn main() -> anyhow::Result<()> {
             out: _,
             anomaly_scores: Some(scores),
             columns,
+            ..
         } => {
             let config = load(cli.config.as_ref())?;
             let [input] = inputs.as_slice() else {
@@ -307,18 +487,55 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay { inputs, out, .. } => {
+        Command::Replay {
+            inputs,
+            out,
+            sql,
+            entity,
+            failures,
+            lookback,
+            report,
+            keep_open,
+            quiet,
+            ..
+        } => {
             let config = load(cli.config.as_ref())?;
             let started = Instant::now();
-            let (outputs, records) = replay::replay_files(&config, &inputs)?;
-            let summary = replay::write_run(&out, &outputs, records)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-            eprintln!(
-                "Replayed {} records in {:.2?}; outputs in {}.",
-                records,
-                started.elapsed(),
+            let options = replay::ReplayOptions {
+                sql,
+                entity,
+                failures,
+                keep_open,
+                progress: !quiet,
+            };
+            let run = replay::replay(&config, &inputs, &options).await?;
+            let backtest = (!options.failures.is_empty() || report.is_some())
+                .then(|| backtest_of(&config, &run, lookback));
+            let summary = replay::write_run(&out, &run, backtest.as_ref())?;
+            let elapsed = started.elapsed();
+            println!(
+                "Replayed {} records ({} samples) in {:.2?} ({:.0} samples/s): {} scores, {} decisions, {} outcomes, {} dead letters; outputs in {}.",
+                summary.records,
+                summary.samples,
+                elapsed,
+                summary.samples as f64 / elapsed.as_secs_f64().max(1e-9),
+                summary.scores,
+                summary.decisions,
+                summary.outcomes,
+                summary.dead_letters,
                 out.display()
             );
+            if let Some(b) = &backtest {
+                print!("{b}");
+            }
+            if let Some(path) = report {
+                let title = inputs
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                write_report(&config, &path, &title, &run, backtest.as_ref())?;
+            }
             Ok(())
         }
         Command::Config {
@@ -337,9 +554,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Config {
             command: ConfigCommand::Show,
         } => {
+            // Secrets (passwords, and the password in a URL) as `***`.
             println!(
                 "{}",
-                serde_json::to_string_pretty(&load(cli.config.as_ref())?)?
+                serde_json::to_string_pretty(&load(cli.config.as_ref())?.redacted())?
             );
             Ok(())
         }
@@ -503,12 +721,56 @@ async fn by_hand(config: &Config, what: foresight::actuator::ByHand) -> anyhow::
     Ok(())
 }
 
-fn run_demo(
+/// The backtest of a run against its labels.
+fn backtest_of(
+    config: &Config,
+    run: &replay::Replay,
+    lookback: Option<std::time::Duration>,
+) -> foresight::backtest::Backtest {
+    let lookback = lookback.unwrap_or(config.scoring.horizon);
+    foresight::backtest::backtest(
+        &run.outputs.scores,
+        &run.outputs.decisions,
+        &run.outputs.outcomes,
+        &run.failures,
+        &foresight::backtest::BacktestConfig {
+            lookback: Delta::from_std(lookback).unwrap_or(Delta::MAX),
+            threshold: foresight::train::operating_threshold(config),
+        },
+    )
+}
+
+fn write_report(
+    config: &Config,
+    path: &std::path::Path,
+    title: &str,
+    run: &replay::Replay,
+    backtest: Option<&foresight::backtest::Backtest>,
+) -> anyhow::Result<()> {
+    let backtest = match backtest {
+        Some(b) => b.clone(),
+        None => backtest_of(config, run, None),
+    };
+    let html = foresight::report::render(&foresight::report::ReportInput {
+        title,
+        scores: &run.outputs.scores,
+        decisions: &run.outputs.decisions,
+        failures: &run.failures,
+        backtest: &backtest,
+        config,
+    })?;
+    std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))?;
+    println!("Report written to {}.", path.display());
+    Ok(())
+}
+
+async fn run_demo(
     config: &Config,
     nodes: usize,
     hours: u32,
     seed: u64,
     out: Option<PathBuf>,
+    report: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         nodes >= 7,
@@ -523,9 +785,17 @@ fn run_demo(
     };
     let fleet = demo::generate(&spec);
     println!(
-        "Fleet: {} entities, {} samples over {hours} h; injected: {}.",
+        "Fleet: {} entities ({} services on nodes; {}), {} samples and {} log/trace messages over {hours} h; injected: {}.",
         fleet.entities.len(),
+        fleet.placement.len(),
+        fleet
+            .dependencies
+            .iter()
+            .map(|(a, b)| format!("{a} calls {b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         fleet.samples.len(),
+        fleet.otlp.len(),
         fleet
             .injected
             .iter()
@@ -535,16 +805,15 @@ fn run_demo(
     );
     let started = Instant::now();
     let mut pipeline = InProcess::new(config, false)?;
-    for (i, sample) in fleet.samples.iter().enumerate() {
-        // Through the same JSON ingest as live telemetry.
-        let bytes = serde_json::to_vec(sample)?;
+    for (i, line) in fleet.lines().iter().enumerate() {
+        // Through the same ingest as live telemetry (native JSON and OTLP/JSON).
         pipeline.feed(
-            &bytes,
+            line.as_bytes(),
             "demo",
             Origin {
                 input: 0,
                 partition: 0,
-                offset: i as i64,
+                offset: i as i64 + 1,
             },
             None,
         );
@@ -561,15 +830,13 @@ fn run_demo(
         elapsed,
         outputs.samples as f64 / elapsed.as_secs_f64()
     );
+    let run = replay::Replay {
+        records: (fleet.samples.len() + fleet.otlp.len()) as u64,
+        failures: fleet.failures.clone(),
+        outputs,
+    };
     let lookback = Delta::hours(12);
-    let eval = demo::evaluate(
-        &outputs.scores,
-        &outputs.decisions,
-        &fleet.failures,
-        lookback,
-        fleet.entities.len(),
-        hours as f64 / 24.0,
-    );
+    let eval = backtest_of(config, &run, lookback.to_std().ok());
     println!(
         "\nFailures and how early they were seen (high band within {} h before):",
         lookback.num_hours()
@@ -600,24 +867,20 @@ fn run_demo(
             c.failure.time.format("%Y-%m-%d %H:%M")
         );
     }
-    println!(
-        "\nFalse alarms: {} decisions about entities that did not fail ({:.2} per entity per day).",
-        eval.false_alarm_decisions, eval.false_alarms_per_entity_day
-    );
+    println!("\n{eval}");
     let c = &eval.calibration;
-    println!(
-        "\nCalibration over {} scores (failure within the horizon): Brier score {:.4} (always \
-         predicting the base rate: {:.4}). Reliability (predicted -> observed):",
-        c.scores, c.brier, c.brier_base_rate
-    );
-    for (bin, n, predicted, observed) in &c.reliability {
+    println!("Reliability (predicted -> observed):");
+    for b in &c.reliability {
         println!(
-            "  [{:.1}, {:.1}): {n:>5} scores, mean P {predicted:.3}, failed {observed:.3}",
-            *bin as f64 / 10.0,
-            (*bin + 1) as f64 / 10.0
+            "  [{:.1}, {:.1}): {:>5} scores, mean P {:.3}, failed {:.3}",
+            b.bin as f64 / 10.0,
+            (b.bin + 1) as f64 / 10.0,
+            b.scores,
+            b.predicted,
+            b.observed
         );
     }
-    if let Some(d) = outputs.decisions.first() {
+    if let Some(d) = run.outputs.decisions.first() {
         println!(
             "\nExample decision {}:\n{}",
             d.id(),
@@ -625,8 +888,44 @@ fn run_demo(
         );
     }
     if let Some(dir) = out {
-        replay::write_run(&dir, &outputs, fleet.samples.len() as u64)?;
+        replay::write_run(&dir, &run, Some(&eval))?;
         println!("\nOutputs written to {}.", dir.display());
     }
+    if let Some(path) = report {
+        let title = format!("demo fleet ({nodes} nodes, {hours} h, seed {seed})");
+        write_report(config, &path, &title, &run, Some(&eval))?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every subcommand and every argument of every subcommand says what it is for.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn check(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(name.clone());
+                }
+                check(sub, &name, missing);
+            }
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        check(&cli, "foresight", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

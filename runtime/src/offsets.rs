@@ -20,6 +20,85 @@ struct Partition {
     stored: Option<i64>,
 }
 
+/// Where reading must resume on partitions whose consumer may start past it, and how to get it
+/// there.
+///
+/// A consumer resumes at its group's committed offset, which can be ahead of where a stage must
+/// resume (a stateful stage's last checkpoint; the recorder's offsets in Postgres). It is then
+/// moved back, and the input between is read again (input before the resume point is skipped by
+/// the caller). A broker must serve a fetch from inside a record batch from that offset on (Kafka
+/// returns the whole batch and the client drops the records before the offset); one that serves it
+/// from the next batch on instead (tansu 0.6's memory storage does, see docs/reliability.md) would
+/// skip the records between, and a plain seek back to the resume point would come back ahead again
+/// for ever. So each further try seeks further back, 64, 128, 256... offsets before the resume
+/// point, until a fetch starts at or before it (or the start of the partition was tried).
+#[derive(Debug)]
+pub(crate) struct Resume<K> {
+    at: HashMap<K, (i64, u32)>,
+}
+
+impl<K> Default for Resume<K> {
+    fn default() -> Self {
+        Self { at: HashMap::new() }
+    }
+}
+
+/// What to do with an input read ahead of where its partition must resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rewind {
+    /// Move the consumer to this offset (`tries` so far, 1 for the first).
+    Seek {
+        /// The offset to read from.
+        to: i64,
+        /// Seeks made for this resume point, this one included.
+        tries: u32,
+    },
+    /// Even a fetch from the start of the partition came back ahead of the resume point: the
+    /// input between is gone (deleted by retention); read on.
+    Gone {
+        /// Where reading should have resumed.
+        expected: i64,
+    },
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Resume<K> {
+    /// Reading of `key` must resume at `next`.
+    pub(crate) fn expect(&mut self, key: K, next: i64) {
+        self.at.insert(key, (next, 0));
+    }
+
+    /// Whether reading of `key` has yet to reach its resume point.
+    #[cfg(test)]
+    fn pending(&self, key: &K) -> bool {
+        self.at.contains_key(key)
+    }
+
+    /// Forgets the resume points of the keys `gone` says.
+    pub(crate) fn forget(&mut self, gone: impl Fn(&K) -> bool) {
+        self.at.retain(|k, _| !gone(k));
+    }
+
+    /// Input at `offset` of `key` was read: `None` to go on (at or before the resume point, or
+    /// none is pending), else where to move the consumer.
+    pub(crate) fn check(&mut self, key: &K, offset: i64) -> Option<Rewind> {
+        let &(next, tries) = self.at.get(key)?;
+        if offset <= next {
+            self.at.remove(key);
+            return None;
+        }
+        let back = |t: u32| if t == 0 { 0 } else { 64_i64 << (t - 1).min(40) };
+        if tries > 0 && next - back(tries - 1) <= 0 {
+            self.at.remove(key);
+            return Some(Rewind::Gone { expected: next });
+        }
+        self.at.insert(key.clone(), (next, tries + 1));
+        Some(Rewind::Seek {
+            to: (next - back(tries)).max(0),
+            tries: tries + 1,
+        })
+    }
+}
+
 /// Tracks in-flight inputs per partition.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
@@ -199,5 +278,55 @@ mod tests {
             let _ = t.storable();
             prop_assert_eq!(t.partitions[&P(0)].stored, Some(outputs.len() as i64));
         }
+    }
+
+    #[test]
+    fn resuming_seeks_further_back_while_the_broker_serves_past_the_resume_point() {
+        let mut r = Resume::default();
+        r.expect("p", 1000);
+        assert!(r.pending(&"p"));
+        assert_eq!(r.check(&"q", 5), None, "no resume point: read on");
+        assert_eq!(
+            r.check(&"p", 1500),
+            Some(Rewind::Seek { to: 1000, tries: 1 })
+        );
+        assert_eq!(
+            r.check(&"p", 1500),
+            Some(Rewind::Seek { to: 936, tries: 2 })
+        );
+        assert_eq!(
+            r.check(&"p", 1500),
+            Some(Rewind::Seek { to: 872, tries: 3 })
+        );
+        assert_eq!(
+            r.check(&"p", 1500),
+            Some(Rewind::Seek { to: 744, tries: 4 })
+        );
+        assert_eq!(
+            r.check(&"p", 700),
+            None,
+            "at or before the resume point: read on"
+        );
+        assert!(!r.pending(&"p"));
+        assert_eq!(r.check(&"p", 1500), None, "resumed: nothing more to do");
+
+        // Gone for good: once the start of the partition was tried, read on.
+        r.expect("p", 100);
+        let mut seeks = Vec::new();
+        while let Some(Rewind::Seek { to, .. }) = r.check(&"p", 500) {
+            seeks.push(to);
+        }
+        assert_eq!(seeks, [100, 36, 0]);
+        r.expect("p", 100);
+        for _ in 0..3 {
+            r.check(&"p", 500);
+        }
+        assert_eq!(r.check(&"p", 500), Some(Rewind::Gone { expected: 100 }));
+        assert_eq!(r.check(&"p", 500), None);
+
+        r.expect("p", 10);
+        r.expect("q", 10);
+        r.forget(|k| *k == "p");
+        assert!(!r.pending(&"p") && r.pending(&"q"));
     }
 }

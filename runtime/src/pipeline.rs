@@ -251,6 +251,7 @@ fn live<P: Processor>(
         processor,
         cpu_heavy,
         control: None,
+        fits: None,
     }
 }
 
@@ -278,8 +279,9 @@ pub async fn run_stage(
         Stage::Scoring => {
             let inputs = events::<FeatureWindow>(&t.features);
             // Scoring fits a model per metric per window: CPU-heavy.
-            let s = live("scoring", inputs, &[&t.entity_scores], &t, p.scorer, true);
-            runner::run(s, k, r, progress, shutdown, None).await?
+            let mut s = live("scoring", inputs, &[&t.entity_scores], &t, p.scorer, true);
+            s.fits = Some(Scorer::fits);
+            runner::run(s, k, r, progress, shutdown, pool).await?
         }
         Stage::Fleet => {
             // One instance: it compares peers and follows dependencies across the whole fleet.
@@ -483,17 +485,41 @@ impl InProcess {
             .p
             .decoder
             .decode(bytes, format, signal, content_type, time);
+        self.feed_decoded(decoded.telemetry, decoded.rejections, bytes, source, origin);
+    }
+
+    /// The decoder, for inputs decoded outside the pipeline (the rows of a table in replay are
+    /// validated by [`Decoder::sample`]).
+    pub fn decoder(&self) -> &Decoder {
+        &self.p.decoder
+    }
+
+    /// Feeds telemetry decoded from one record (`bytes`, kept for its dead letters), and the
+    /// record's rejections.
+    pub fn feed_decoded(
+        &mut self,
+        telemetry: Vec<Telemetry>,
+        rejections: Vec<Rejection>,
+        bytes: &[u8],
+        source: &str,
+        origin: Origin,
+    ) {
         let mut windows = Vec::new();
-        for r in decoded.rejections {
+        for r in rejections {
             windows.push(Output::Rejected(r));
         }
-        for t in decoded.telemetry {
+        for t in telemetry {
             if matches!(t, Telemetry::Sample(_)) {
                 self.out.samples += 1;
             }
             self.p.features.process(t, origin, &mut windows);
         }
         self.windows(windows, bytes, source, origin);
+    }
+
+    /// Samples accepted so far.
+    pub fn samples(&self) -> u64 {
+        self.out.samples
     }
 
     /// Everything produced so far, leaving open windows open: what a live pipeline has produced

@@ -6,7 +6,10 @@
 //! a redelivered one inserts nothing twice anyway. While Postgres is away the recorder retries with
 //! backoff and reads nothing new, so no offset ever advances past unrecorded work.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
@@ -25,6 +28,7 @@ use uuid::Uuid;
 use crate::{
     config::{KafkaConfig, RunnerConfig},
     kafka::{self, Topics},
+    offsets::{Resume, Rewind},
     runner::{Progress, StageError, StageReport},
 };
 
@@ -71,12 +75,44 @@ fn envelope<T: EventData>(bytes: &[u8]) -> Result<Row, (ErrorClass, String)> {
         })
 }
 
-/// Decodes a message of one of the recorded topics into a row.
+/// Decodes a message of one of the recorded topics into a row; a row the audit log cannot hold
+/// (a time outside years 1-9999, or a payload with a NUL character, which Postgres' text and jsonb
+/// types refuse) is rejected here rather than stalling the recorder on a batch that cannot commit.
 pub(crate) fn decode(
     topics: &Topics,
     topic: &str,
     bytes: &[u8],
 ) -> Result<Row, (ErrorClass, String)> {
+    let row = decode_row(topics, topic, bytes)?;
+    if !crate::audit::recordable(row.time) {
+        return Err((
+            ErrorClass::TimestampOutOfRange,
+            format!(
+                "time {} is outside the audit log's range (years 1-9999)",
+                row.time
+            ),
+        ));
+    }
+    if row.entity.contains('\0') || has_nul(&row.payload) {
+        return Err((
+            ErrorClass::Undecodable,
+            "contains a NUL character, which Postgres cannot store".to_owned(),
+        ));
+    }
+    Ok(row)
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+fn decode_row(topics: &Topics, topic: &str, bytes: &[u8]) -> Result<Row, (ErrorClass, String)> {
     if topic == topics.decisions {
         envelope::<Decision>(bytes)
     } else if topic == topics.outcomes {
@@ -132,16 +168,51 @@ pub struct Position {
     pub offset: i64,
 }
 
-/// Writes rows and offsets in one transaction.
-async fn write(
+/// Records a batch: the rows of each source partition, with that partition's next offset, in a
+/// transaction of their own, the partitions concurrently (each is its own hash chain, so they lock
+/// nothing in common). A partition's offset is in the same transaction as its rows, so it never
+/// advances past unrecorded work; if one partition fails, the others' writes stand and the batch
+/// is retried whole (rows already recorded are skipped by id). Returns the rows inserted.
+pub async fn record(
     pool: &PgPool,
     group: &str,
     rows: &[(Row, Position)],
     next: &HashMap<(String, i32), i64>,
 ) -> Result<u64, sqlx::Error> {
+    // Per source partition: its rows, and the offset to store with them.
+    type Part = (Vec<(Row, Position)>, Option<i64>);
+    let mut parts: BTreeMap<(&str, i32), Part> = BTreeMap::new();
+    for (r, p) in rows {
+        parts
+            .entry((p.topic.as_str(), p.partition))
+            .or_default()
+            .0
+            .push((r.clone(), p.clone()));
+    }
+    for ((topic, partition), offset) in next {
+        parts.entry((topic.as_str(), *partition)).or_default().1 = Some(*offset);
+    }
+    // The months' partitions first, committed before the partitions' writes need them.
+    crate::audit::ensure_months(pool, rows.iter().map(|(r, _)| r.time)).await?;
+    let writes = parts.iter().map(|((topic, partition), (rows, offset))| {
+        write(pool, group, rows, topic, *partition, *offset)
+    });
+    let inserted = futures::future::join_all(writes).await;
+    inserted.into_iter().try_fold(0, |n, r| Ok(n + r?))
+}
+
+/// Writes one source partition's rows and its next offset in one transaction.
+async fn write(
+    pool: &PgPool,
+    group: &str,
+    rows: &[(Row, Position)],
+    topic: &str,
+    partition: i32,
+    next: Option<i64>,
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = crate::audit::append(&mut tx, rows).await?;
-    for ((topic, partition), offset) in next {
+    if let Some(offset) = next {
         sqlx::query(
             "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (consumer_group, topic, partition) DO UPDATE \
@@ -185,7 +256,7 @@ pub(crate) async fn run(
         source,
     };
     let group = format!("{}{}", kafka_config.group_prefix, NAME);
-    let consumer = kafka::consumer(kafka_config, &group).map_err(err)?;
+    let consumer = kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let inputs = [
         &topics.decisions,
@@ -210,6 +281,12 @@ pub(crate) async fn run(
             }
         }
     };
+    // Where each partition recorded before must resume: a consumer starting past it (its group's
+    // commit lags Postgres, or a broker serves a fetch from the next record batch on) is moved back.
+    let mut resume = Resume::default();
+    for (key, &next) in &recorded {
+        resume.expect(key.clone(), next);
+    }
     let mut report = StageReport::default();
     'outer: loop {
         // Collect one batch.
@@ -236,9 +313,32 @@ pub(crate) async fn run(
             };
             report.message(progress);
             let key = (message.topic().to_owned(), message.partition());
+            match resume.check(&key, message.offset()) {
+                None => {}
+                Some(Rewind::Gone { expected }) => {
+                    tracing::error!(stage = NAME, topic = %key.0, partition = key.1, expected, first = message.offset(), "Input between the recorded offset and the first offset the broker serves is gone (deleted by retention?); reading on.");
+                }
+                Some(Rewind::Seek { to, tries }) => {
+                    // Read from the recorded offset: the input between was never recorded.
+                    if tries == 1 {
+                        tracing::info!(stage = NAME, topic = %key.0, partition = key.1, from = message.offset(), to, "Consumer ahead of the recorded offset; moving it back.");
+                    } else {
+                        tracing::warn!(stage = NAME, topic = %key.0, partition = key.1, from = message.offset(), to, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already recorded is skipped.");
+                    }
+                    let seek = tokio::task::block_in_place(|| {
+                        consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
+                    });
+                    if let Err(e) = seek {
+                        tracing::warn!(stage = NAME, error = %e, "Seek failed; retrying.");
+                    }
+                    continue;
+                }
+            }
             next.insert(key.clone(), message.offset() + 1);
             if recorded.get(&key).is_some_and(|&n| message.offset() < n) {
-                continue; // Already recorded (Postgres is ahead of Kafka's commit).
+                // Already recorded (Postgres is ahead of Kafka's commit).
+                tracing::debug!(stage = NAME, topic = %key.0, partition = key.1, offset = message.offset(), "Skipped: recorded before.");
+                continue;
             }
             let payload = message.payload().unwrap_or_default();
             match decode(topics, message.topic(), payload) {
@@ -251,23 +351,28 @@ pub(crate) async fn run(
                         offset: message.offset(),
                     },
                 )),
-                Err((class, reason)) => dead.push(DeadLetter {
-                    stage: NAME.into(),
-                    source_topic: message.topic().into(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    error_class: class,
-                    reason,
-                    key: message
-                        .key()
-                        .map(|k| String::from_utf8_lossy(k).into_owned()),
-                    payload: payload.to_vec(),
+                Err((class, reason)) => dead.push({
+                    let mut dl = DeadLetter {
+                        stage: NAME.into(),
+                        source_topic: message.topic().into(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        error_class: class,
+                        reason,
+                        key: message
+                            .key()
+                            .map(|k| String::from_utf8_lossy(k).into_owned()),
+                        payload: payload.to_vec(),
+                    };
+                    crate::runner::cap_payload(&mut dl, runner.dead_letter_max_bytes);
+                    dl
                 }),
             }
         }
         for revoked in consumer.context().take_revoked() {
             // Writing what was read from a revoked partition is harmless (ids dedupe); storing its
             // offset is not possible and not attempted.
+            resume.forget(|k| *k == revoked);
             recorded.remove(&revoked);
         }
 
@@ -294,14 +399,15 @@ pub(crate) async fn run(
                     source,
                 });
             }
-            report.dead_letter(progress);
+            report.dead_letter(progress, dl.error_class);
         }
 
         if !next.is_empty() {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match write(&pool, &group, &rows, &next).await {
+                match record(&pool, &group, &rows, &next).await {
                     Ok(inserted) => {
+                        tracing::debug!(stage = NAME, rows = rows.len(), inserted, next = ?next, "Batch recorded.");
                         report.events += inserted;
                         progress
                             .events

@@ -14,16 +14,20 @@
 //! checkpoint are emitted again, identical and with the same ids.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use foresight_events::{
-    CLOUDEVENTS_CONTENT_TYPE, DeadLetter, InputPartition, Origin, Output, Processor, Rejection,
-    Routed,
+    CLOUDEVENTS_CONTENT_TYPE, DeadLetter, ErrorClass, InputPartition, Origin, Output, Processor,
+    Rejection, Routed,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
@@ -36,10 +40,11 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    checkpoint::CheckpointStore,
+    checkpoint::{CheckpointStore, SaveError},
     config::{KafkaConfig, RunnerConfig},
-    kafka::{self, RebalanceContext},
-    offsets::OffsetTracker,
+    kafka::{self, ConsumerState, RebalanceContext, Rebalanced},
+    offsets::{OffsetTracker, Resume, Rewind},
+    telemetry,
 };
 
 /// One message as a decoder sees it.
@@ -85,6 +90,8 @@ pub(crate) struct LiveStage<P: Processor> {
     pub(crate) cpu_heavy: bool,
     /// Changes to apply to the processor while it runs, between inputs.
     pub(crate) control: Option<tokio::sync::mpsc::Receiver<Control<P>>>,
+    /// Reads the processor's model fits so far (the scorer's), for the refit metric.
+    pub(crate) fits: Option<fn(&P) -> u64>,
 }
 
 /// Why a stage stopped with an error.
@@ -162,20 +169,70 @@ pub struct Progress {
     pub events: AtomicU64,
     /// Dead letters produced.
     pub dead_letters: AtomicU64,
+    /// Times the watchdog found the consumer stalled and replaced it.
+    pub stalls: AtomicU64,
+    /// Fault injection for tests: when set, the stage pauses every partition it owns (once), as
+    /// a wedged fetcher would, so the watchdog's detection and recovery can be exercised.
+    pub inject_stall: AtomicBool,
+    /// Forecast model fits so far (the scoring stage's).
+    pub refits: AtomicU64,
+    /// When the stage last read an input (Unix milliseconds; 0: not yet), for stall detection.
+    pub last_read_ms: AtomicI64,
+    /// The stage's consumer: the partitions it owns and their lag.
+    pub consumer: Arc<ConsumerState>,
+    /// Dead letters by error class.
+    by_class: Mutex<BTreeMap<&'static str, u64>>,
+    /// Actuation outcomes by (actuator, status).
+    by_outcome: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Progress {
+    /// Dead letters so far, by error class.
+    pub fn dead_letters_by_class(&self) -> BTreeMap<&'static str, u64> {
+        self.by_class
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Actuation outcomes so far, by (actuator, status).
+    pub fn actuations(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.by_outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Counts an actuation outcome.
+    pub(crate) fn actuation(&self, actuator: &str, status: &'static str) {
+        *self
+            .by_outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((actuator.to_owned(), status))
+            .or_default() += 1;
+    }
 }
 
 impl StageReport {
     pub(crate) fn message(&mut self, p: &Progress) {
         self.messages += 1;
         p.messages.fetch_add(1, Ordering::Relaxed);
+        p.last_read_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
     pub(crate) fn event(&mut self, p: &Progress) {
         self.events += 1;
         p.events.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn dead_letter(&mut self, p: &Progress) {
+    pub(crate) fn dead_letter(&mut self, p: &Progress, class: ErrorClass) {
         self.dead_letters += 1;
         p.dead_letters.fetch_add(1, Ordering::Relaxed);
+        *p.by_class
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(class.as_str())
+            .or_default() += 1;
     }
 }
 
@@ -197,12 +254,18 @@ fn delivered(
     })
 }
 
-/// Headers of an event message (CloudEvents structured mode).
-pub(crate) fn event_headers() -> OwnedHeaders {
-    OwnedHeaders::new().insert(Header {
-        key: "content-type",
-        value: Some(CLOUDEVENTS_CONTENT_TYPE),
-    })
+/// Headers of an event message (CloudEvents structured mode), with the W3C trace context of
+/// the processing that produced it.
+pub(crate) fn event_headers(traceparent: &str) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "content-type",
+            value: Some(CLOUDEVENTS_CONTENT_TYPE),
+        })
+        .insert(Header {
+            key: telemetry::TRACEPARENT,
+            value: Some(traceparent),
+        })
 }
 
 /// The original message's headers, then the dead letter's own (source, class, reason).
@@ -279,10 +342,20 @@ struct Checkpoints {
     restored: std::collections::BTreeSet<i32>,
     /// Per input partition, the checkpoint's offset: input before it is already in the state.
     skip_before: std::collections::HashMap<InputPartition, i64>,
+    /// Per input partition restored and not yet read from its checkpoint's offset: the
+    /// consumer may start past it (its group's committed offset is not the checkpoint's), and is
+    /// then moved back to it.
+    resume_at: Resume<InputPartition>,
     pending: Vec<Pending>,
     /// Offsets of each partition's last written checkpoint, to skip checkpoints with no news.
     written: std::collections::HashMap<i32, Vec<(InputPartition, i64)>>,
     last_taken: tokio::time::Instant,
+    /// This instance, as its claims name it.
+    owner: String,
+    /// The epoch of this instance's claim on each restored partition.
+    epochs: std::collections::HashMap<i32, i64>,
+    /// Fenced since the runner last asked, for it to drop their state and in-flight offsets.
+    newly_fenced: Vec<i32>,
 }
 
 impl Checkpoints {
@@ -298,7 +371,7 @@ impl Checkpoints {
         let topics: Vec<String> = stage.inputs.iter().map(|i| i.topic.clone()).collect();
         let restored = self
             .store
-            .load(partition, &topics)
+            .load(partition, &topics, &self.owner)
             .await
             .map_err(|source| StageError::Checkpoint {
                 stage: stage.name,
@@ -322,13 +395,21 @@ impl Checkpoints {
                     partition,
                 };
                 self.skip_before.insert(source, next);
+                self.resume_at.expect(source, next);
                 offsets.push((source, next));
             }
         }
-        tracing::info!(stage = stage.name, partition, entries, offsets = ?restored.offsets, "Restored the partition's checkpoint.");
+        tracing::info!(stage = stage.name, partition, entries, epoch = restored.epoch, offsets = ?restored.offsets, "Restored the partition's checkpoint.");
         self.written.insert(partition, offsets);
+        self.epochs.insert(partition, restored.epoch);
         self.restored.insert(partition);
         Ok(())
+    }
+
+    /// Where to move the consumer back to, if input `offset` of `source` comes after the
+    /// restored checkpoint's offset with the input between not yet read (it would be lost).
+    fn rewind_to(&mut self, source: InputPartition, offset: i64) -> Option<Rewind> {
+        self.resume_at.check(&source, offset)
     }
 
     /// Whether the input is already in the restored state.
@@ -338,11 +419,28 @@ impl Checkpoints {
             .is_some_and(|&next| offset < next)
     }
 
+    /// Drops what this instance knows of `partition` (revoked, or claimed by another).
     fn forget(&mut self, partition: i32) {
         self.restored.remove(&partition);
         self.skip_before.retain(|s, _| s.partition != partition);
+        self.resume_at.forget(|s| s.partition == partition);
         self.pending.retain(|p| p.partition != partition);
+        // Its outputs are no longer this instance's to wait for (else the other partitions'
+        // checkpoints would wait for them for ever).
+        for p in &mut self.pending {
+            p.requires.retain(|(s, _)| s.partition != partition);
+        }
         self.written.remove(&partition);
+        self.epochs.remove(&partition);
+    }
+
+    /// Another instance has claimed `partition` since: drop what this one holds of it. Should
+    /// its input still come here (the broker has not revoked it yet, or assigned it to both for
+    /// a while), it is claimed again and restored from the other's last checkpoint, from whose
+    /// offsets the consumer reads again: work is redone, never lost or folded twice.
+    fn fence(&mut self, partition: i32) {
+        self.forget(partition);
+        self.newly_fenced.push(partition);
     }
 
     /// Takes a checkpoint of every owned partition (unless one is still pending).
@@ -403,25 +501,43 @@ impl Checkpoints {
             {
                 break;
             }
-            let c = self.pending.remove(0);
+            // Removed only once written: a failed write (Postgres away) is retried next time,
+            // and meanwhile no offset past it is stored.
+            let c = &self.pending[0];
             let offsets: Vec<(String, i64)> = c
                 .offsets
                 .iter()
                 .map(|(s, next)| (topics[usize::from(s.input)].clone(), *next))
                 .collect();
             let entries = c.changes.len();
-            self.store
-                .save(c.partition, &offsets, c.changes)
+            let epoch = self.epochs.get(&c.partition).copied().unwrap_or_default();
+            match self
+                .store
+                .save(c.partition, epoch, &offsets, &c.changes)
                 .await
-                .map_err(|source| StageError::Checkpoint {
-                    stage,
-                    partition: c.partition,
-                    source,
-                })?;
+            {
+                Ok(()) => {}
+                Err(SaveError::Database(source)) => {
+                    return Err(StageError::Checkpoint {
+                        stage,
+                        partition: c.partition,
+                        source,
+                    });
+                }
+                Err(fenced @ SaveError::Fenced { .. }) => {
+                    let partition = c.partition;
+                    tracing::warn!(stage, partition, reason = %fenced, "Checkpoint not written: another instance has claimed the partition; its state here is dropped (restored again if its input still comes here).");
+                    self.fence(partition);
+                    continue;
+                }
+            }
+            let c = self.pending.remove(0);
             tracing::debug!(
                 stage,
                 partition = c.partition,
                 entries,
+                epoch,
+                offsets = ?c.offsets,
                 "Checkpoint written."
             );
             storable.extend(c.offsets.iter().copied());
@@ -453,9 +569,17 @@ where
             store: CheckpointStore::new(pool, group.clone()),
             restored: Default::default(),
             skip_before: Default::default(),
+            resume_at: Default::default(),
             pending: Vec::new(),
             written: Default::default(),
             last_taken: tokio::time::Instant::now(),
+            owner: format!(
+                "{}/{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+                std::process::id()
+            ),
+            epochs: Default::default(),
+            newly_fenced: Vec::new(),
         }),
         (true, None) => return Err(StageError::NoCheckpointStore { stage: name }),
     };
@@ -465,7 +589,9 @@ where
     };
     // Ends of partitions are reported only to processors that wait for every partition.
     let eof = stage.processor.watches_partitions();
-    let consumer = kafka::consumer_with(kafka_config, &group, eof).map_err(err)?;
+    let mut consumer =
+        kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()).map_err(err)?;
+    let latency = telemetry::Latency::new(name);
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
     consumer.subscribe(&topics).map_err(err)?;
@@ -490,27 +616,178 @@ where
     // The newest input read from the first input, to which outputs a processor emits when told a
     // partition is caught up are attributed.
     let mut last_read: Option<(InputPartition, i64)> = None;
+    // The trace context of the newest input's processing, which those outputs carry on.
+    let mut last_traceparent = telemetry::new_traceparent();
     let mut next_read: std::collections::HashMap<i32, i64> = Default::default();
     // First-input partitions caught up, as last told to the processor.
     let mut idle: std::collections::BTreeSet<i32> = Default::default();
+    // First-input partitions found caught up, and since when (told once it lasts the grace).
+    let mut caught_up_at: std::collections::BTreeMap<i32, tokio::time::Instant> =
+        Default::default();
+    // The watchdog: when input was last read (or the watchdog last found nothing waiting), and
+    // whether it found the consumer stalled.
+    let mut last_input = tokio::time::Instant::now();
+    let mut stalled = false;
+    // Partitions of a replaced consumer, to forget as if revoked.
+    let mut dropped: Vec<(String, i32)> = Vec::new();
     loop {
-        for (topic, partition) in consumer.context().take_assigned() {
-            if input_index(&topic) == Some(0) {
-                stage.processor.assigned(partition);
+        if std::mem::take(&mut stalled) {
+            // Let what is in flight land (bounded), store its offsets and commit them, so the
+            // new consumer resumes right after the work done.
+            let _ = tokio::time::timeout(runner.drain_timeout, async {
+                while let Some((partition, offset, result)) = deliveries.next().await {
+                    if result.is_ok() {
+                        tracker.ack(partition, offset);
+                    }
+                }
+            })
+            .await;
+            let storable = match &mut checkpoints {
+                None => tracker.storable(),
+                Some(c) => c
+                    .write_ready(name, &input_topics, &tracker)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(stage = name, error = %e, "Checkpoint not written; the new consumer resumes from the last one.");
+                        Vec::new()
+                    }),
+            };
+            store(&consumer, &stage.inputs, storable);
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(stage = name, error = %e, "Commit before replacing the consumer failed.");
             }
+            dropped = consumer
+                .assignment()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_owned(), e.partition()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let fresh =
+                match kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()) {
+                    Ok(c) => c,
+                    Err(source) => {
+                        failure = Some(StageError::Kafka {
+                            stage: name,
+                            source,
+                        });
+                        break;
+                    }
+                };
+            // Closing the old one leaves the group (it may wait briefly for the coordinator).
+            tokio::task::block_in_place(|| drop(std::mem::replace(&mut consumer, fresh)));
+            let refs: Vec<&str> = input_topics.iter().map(String::as_str).collect();
+            if let Err(source) = consumer.subscribe(&refs) {
+                failure = Some(StageError::Kafka {
+                    stage: name,
+                    source,
+                });
+                break;
+            }
+            tracing::info!(stage = name, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
+            last_input = tokio::time::Instant::now();
         }
-        for (topic, partition) in consumer.context().take_revoked() {
+        // A replaced consumer's partitions first, then the rebalances in the order they came.
+        let changes = std::mem::take(&mut dropped)
+            .into_iter()
+            .map(|(t, p)| Rebalanced::Revoked(t, p))
+            .chain(consumer.context().take_changes());
+        for change in changes {
+            let (topic, partition) = match change {
+                Rebalanced::Assigned(topic, partition) => {
+                    if input_index(&topic) == Some(0) {
+                        stage.processor.assigned(partition);
+                    }
+                    continue;
+                }
+                Rebalanced::Revoked(topic, partition) => (topic, partition),
+            };
             if let Some(input) = input_index(&topic) {
                 tracker.revoke(InputPartition { input, partition });
                 stage.processor.forget_partition(partition);
                 if input == 0 {
                     idle.remove(&partition);
+                    caught_up_at.remove(&partition);
                     next_read.remove(&partition);
                 }
                 if let Some(c) = &mut checkpoints {
                     c.forget(partition);
                 }
             }
+        }
+        for partition in checkpoints
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.newly_fenced))
+            .unwrap_or_default()
+        {
+            // Its outputs in flight land or not; their offsets are never stored here.
+            for input in 0..stage.inputs.len() as u16 {
+                tracker.revoke(InputPartition { input, partition });
+            }
+            stage.processor.forget_partition(partition);
+            idle.remove(&partition);
+            caught_up_at.remove(&partition);
+            next_read.remove(&partition);
+        }
+        // Partitions caught up for the grace period: the processor need not wait for them.
+        let due: Vec<i32> = caught_up_at
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= runner.idle_grace)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            caught_up_at.remove(&p);
+            // Still at the end (input written since is read soon; wait for its end again)?
+            if !tokio::task::block_in_place(|| {
+                caught_up(&consumer, &input_topics[0], p, &next_read)
+            }) || !idle.insert(p)
+            {
+                continue;
+            }
+            stage.processor.idle(p, &mut out);
+            if !out.is_empty() {
+                let Some((at, at_offset)) = last_read else {
+                    tracing::error!(stage = name, "Outputs without any input read; dropped.");
+                    out.clear();
+                    continue;
+                };
+                tracker.read(at, at_offset, out.len());
+                for output in out.drain(..) {
+                    let Output::Event(data) = output else {
+                        tracing::error!(stage = name, "A rejection without an input; dropped.");
+                        tracker.ack(at, at_offset);
+                        continue;
+                    };
+                    report.event(progress);
+                    latency.record(data.event_time());
+                    let m = data.into_message(&source);
+                    let record = FutureRecord::to(&stage.outputs[m.route])
+                        .key(m.key.as_str())
+                        .payload(m.payload.as_slice())
+                        .headers(event_headers(&last_traceparent));
+                    match enqueue(&producer, record).await {
+                        Ok(d) => deliveries.push(delivered(d, at, at_offset)),
+                        Err(e) => {
+                            failure = Some(StageError::Delivery {
+                                stage: name,
+                                topic: input_topics[0].clone(),
+                                partition: at.partition,
+                                offset: at_offset,
+                                source: e,
+                            });
+                            break;
+                        }
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+            }
+        }
+        if failure.is_some() {
+            break;
         }
         tokio::select! {
             // Shutdown first, then acknowledgements (they free in-flight room and let offsets
@@ -534,84 +811,66 @@ where
                 }
             }
             _ = tick.tick() => {
+                if let Some(fits) = stage.fits {
+                    progress.refits.store(fits(&stage.processor), Ordering::Relaxed);
+                }
                 let storable = match &mut checkpoints {
                     None => tracker.storable(),
                     Some(c) => {
                         if c.last_taken.elapsed() >= runner.checkpoint_interval {
                             c.take(&mut stage.processor, &tracker);
                         }
-                        match c.write_ready(name, &input_topics, &tracker).await {
-                            Ok(storable) => storable,
-                            Err(e) => {
-                                failure = Some(e);
-                                break;
-                            }
-                        }
+                        // Postgres away: the checkpoint stays pending and is written on a later
+                        // tick; meanwhile no offset past it is stored anywhere.
+                        c.write_ready(name, &input_topics, &tracker).await.unwrap_or_else(|e| {
+                            tracing::warn!(stage = name, error = %e, "Checkpoint not written; retrying.");
+                            Vec::new()
+                        })
                     }
                 };
                 store(&consumer, &stage.inputs, storable);
+                if progress.inject_stall.swap(false, Ordering::Relaxed)
+                    && let Ok(owned) = consumer.assignment()
+                {
+                    tracing::warn!(stage = name, partitions = owned.count(), "Fault injected: every partition paused.");
+                    if let Err(e) = consumer.pause(&owned) {
+                        tracing::warn!(stage = name, error = %e, "Could not pause.");
+                    }
+                }
+                if !runner.stall_timeout.is_zero()
+                    && last_input.elapsed() >= runner.stall_timeout
+                    && tracker.in_flight() < runner.max_in_flight
+                {
+                    // Nothing read for a while, with room to read: is input waiting?
+                    match tokio::task::block_in_place(|| unread(&consumer)) {
+                        Some(unread) if unread > 0 => {
+                            tracing::warn!(stage = name, unread, idle = ?last_input.elapsed(), "Consumer stalled: input is waiting but none was read; replacing it.");
+                            progress.stalls.fetch_add(1, Ordering::Relaxed);
+                            stalled = true;
+                        }
+                        _ => last_input = tokio::time::Instant::now(),
+                    }
+                }
             }
             message = consumer.recv(), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        last_input = tokio::time::Instant::now();
+                        m
+                    }
                     Err(KafkaError::PartitionEOF(p)) => {
+                        last_input = tokio::time::Instant::now();
                         // The end of partition `p` of some input: if it is the first input's,
-                        // the processor need not wait for that partition any more.
-                        // (The end reported may be another input's: ask the broker for the
-                        // first input's end. Once per end reached, and only for partitions
+                        // the processor need not wait for that partition any more, once it has
+                        // stayed caught up for `runner.idle_grace` (checked at the top of the
+                        // loop). (The end reported may be another input's: ask the broker for
+                        // the first input's end. Once per end reached, and only for partitions
                         // not already known to be caught up.)
-                        let caught_up = idle.contains(&p) || {
-                            let ends = tokio::task::block_in_place(|| {
-                                consumer.fetch_watermarks(&input_topics[0], p, Duration::from_secs(2))
-                            });
-                            match ends {
-                                Ok((low, high)) => next_read.get(&p).copied().unwrap_or(low) >= high,
-                                Err(e) => {
-                                    tracing::debug!(stage = name, partition = p, error = %e, "End offsets unknown.");
-                                    false
-                                }
-                            }
-                        };
-                        if !caught_up || !idle.insert(p) {
+                        if idle.contains(&p) || caught_up_at.contains_key(&p) {
                             continue;
                         }
-                        stage.processor.idle(p, &mut out);
-                        if !out.is_empty() {
-                            let Some((at, at_offset)) = last_read else {
-                                tracing::error!(stage = name, "Outputs without any input read; dropped.");
-                                out.clear();
-                                continue;
-                            };
-                            tracker.read(at, at_offset, out.len());
-                            for output in out.drain(..) {
-                                let Output::Event(data) = output else {
-                                    tracing::error!(stage = name, "A rejection without an input; dropped.");
-                                    tracker.ack(at, at_offset);
-                                    continue;
-                                };
-                                report.event(progress);
-                                let m = data.into_message(&source);
-                                let record = FutureRecord::to(&stage.outputs[m.route])
-                                    .key(m.key.as_str())
-                                    .payload(m.payload.as_slice())
-                                    .headers(event_headers());
-                                match enqueue(&producer, record).await {
-                                    Ok(d) => deliveries.push(delivered(d, at, at_offset)),
-                                    Err(e) => {
-                                        failure = Some(StageError::Delivery {
-                                            stage: name,
-                                            topic: input_topics[0].clone(),
-                                            partition: at.partition,
-                                            offset: at_offset,
-                                            source: e,
-                                        });
-                                        break;
-                                    }
-                                }
-                            }
-                            if failure.is_some() {
-                                break;
-                            }
+                        if tokio::task::block_in_place(|| caught_up(&consumer, &input_topics[0], p, &next_read)) {
+                            caught_up_at.insert(p, tokio::time::Instant::now());
                         }
                         continue;
                     }
@@ -628,36 +887,65 @@ where
                 let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
                 if input == 0 {
-                    last_read = Some((partition, offset));
                     next_read.insert(partition.partition, offset + 1);
                     idle.remove(&partition.partition);
+                    caught_up_at.remove(&partition.partition);
                 }
                 if let Some(c) = &mut checkpoints {
-                    if let Err(e) = c.ensure_restored(&mut stage, partition.partition).await {
+                    if let Err(e) = restore_retrying(c, &mut stage, partition.partition, &shutdown).await {
                         failure = Some(e);
                         break;
+                    }
+                    match c.rewind_to(partition, offset) {
+                        None => {}
+                        Some(Rewind::Gone { expected }) => {
+                            tracing::error!(stage = name, topic = message.topic(), partition = partition.partition, expected, first = offset, "Input between the restored checkpoint and the first offset the broker serves is gone (deleted by retention?); reading on.");
+                        }
+                        Some(Rewind::Seek { to: next, tries }) => {
+                        // Read from the checkpoint's offset instead; this input comes again.
+                        if tries == 1 {
+                            tracing::info!(stage = name, topic = message.topic(), partition = partition.partition, from = offset, to = next, "Consumer ahead of the restored checkpoint; moving it back.");
+                        } else {
+                            tracing::warn!(stage = name, topic = message.topic(), partition = partition.partition, from = offset, to = next, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input before the checkpoint is skipped.");
+                        }
+                        let topic = message.topic().to_owned();
+                        if let Err(e) = tokio::task::block_in_place(|| consumer.seek(&topic, partition.partition, Offset::Offset(next), Duration::from_secs(10))) {
+                            failure = Some(StageError::Kafka { stage: name, source: e });
+                            break;
+                        }
+                        if input == 0 {
+                            next_read.insert(partition.partition, next);
+                        }
+                        continue;
+                        }
                     }
                     if c.already_folded(partition, offset) {
                         tracker.read(partition, offset, 0);
                         continue;
                     }
                 }
-                process(&mut stage, input, &message, &mut out);
+                // One span per input processed, in the input's trace.
+                let parent = telemetry::extract(message.headers());
+                let span = telemetry::input_span(name, message.topic(), partition.partition, offset, &parent);
+                span.in_scope(|| process(&mut stage, input, &message, &mut out));
+                let traceparent = telemetry::traceparent(&span, &parent);
+                drop(span);
                 tracker.read(partition, offset, out.len());
                 for output in out.drain(..) {
                     let enqueued = match output {
                         Output::Event(data) => {
                             report.event(progress);
+                            latency.record(data.event_time());
                             let m = data.into_message(&source);
                             let record = FutureRecord::to(&stage.outputs[m.route])
                                 .key(m.key.as_str())
                                 .payload(m.payload.as_slice())
-                                .headers(event_headers());
+                                .headers(event_headers(&traceparent));
                             enqueue(&producer, record).await
                         }
                         Output::Rejected(rejection) => {
-                            report.dead_letter(progress);
-                            let dl = dead_letter(name, &message, rejection);
+                            report.dead_letter(progress, rejection.class);
+                            let dl = dead_letter(name, &message, rejection, runner.dead_letter_max_bytes);
                             tracing::debug!(stage = name, class = dl.error_class.as_str(), reason = %dl.reason, "Dead letter.");
                             let mut record = FutureRecord::to(&stage.dead_letters)
                                 .payload(dl.payload.as_slice())
@@ -681,6 +969,12 @@ where
                             break;
                         }
                     }
+                }
+                if input == 0 {
+                    // Outputs a processor emits when told a partition is caught up are
+                    // attributed to the newest input it processed, and carry on its trace.
+                    last_read = Some((partition, offset));
+                    last_traceparent = traceparent;
                 }
                 if failure.is_some() {
                     break;
@@ -732,6 +1026,78 @@ where
         report,
         failure,
     )
+}
+
+/// Whether this consumer has read everything partition `p` of `topic` holds now (false when the
+/// broker does not say).
+fn caught_up(
+    consumer: &StreamConsumer<RebalanceContext>,
+    topic: &str,
+    p: i32,
+    next_read: &std::collections::HashMap<i32, i64>,
+) -> bool {
+    match consumer.fetch_watermarks(topic, p, Duration::from_secs(2)) {
+        Ok((low, high)) => next_read.get(&p).copied().unwrap_or(low) >= high,
+        Err(e) => {
+            tracing::debug!(partition = p, error = %e, "End offsets unknown.");
+            false
+        }
+    }
+}
+
+/// Restores a partition's checkpoint, waiting out a Postgres outage (with backoff, until
+/// shutdown): nothing of the partition is processed meanwhile, so nothing is lost.
+async fn restore_retrying<P: Processor>(
+    checkpoints: &mut Checkpoints,
+    stage: &mut LiveStage<P>,
+    partition: i32,
+    shutdown: &CancellationToken,
+) -> Result<(), StageError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match checkpoints.ensure_restored(stage, partition).await {
+            Err(StageError::Checkpoint { source, .. }) if !shutdown.is_cancelled() => {
+                tracing::warn!(stage = stage.name, partition, error = %source, retry_in = ?backoff, "Checkpoint store unavailable; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Input waiting in a consumer's partitions: each one's high watermark minus its position
+/// (before its first fetch: its committed offset, else the low watermark), summed. `None` when
+/// the broker cannot say (it is away: then nothing is stalled on our side).
+fn unread(consumer: &StreamConsumer<RebalanceContext>) -> Option<i64> {
+    let timeout = Duration::from_secs(2);
+    let positions = consumer.position().ok()?;
+    let mut committed = None;
+    let mut unread = 0;
+    for e in positions.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), timeout)
+            .ok()?;
+        let from = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => {
+                let c = committed.get_or_insert_with(|| consumer.committed(timeout).ok());
+                match c
+                    .as_ref()
+                    .and_then(|c| c.find_partition(e.topic(), e.partition()))
+                    .map(|p| p.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                }
+            }
+        };
+        unread += (high - from).max(0);
+    }
+    Some(unread)
 }
 
 /// How a stage ends, once its offsets are stored: a last synchronous commit, the producer
@@ -821,8 +1187,27 @@ fn process<P: Processor>(
     }
 }
 
-fn dead_letter(stage: &str, message: &BorrowedMessage<'_>, rejection: Rejection) -> DeadLetter {
-    DeadLetter {
+/// Keeps a dead letter's copy of the original record within `max` bytes: a record far over the
+/// size limit (say 10 MB) would otherwise be over the producer's message size too, and then
+/// could never be dead-lettered, stopping the stage on it for ever. The reason says so.
+pub(crate) fn cap_payload(dl: &mut DeadLetter, max: usize) {
+    if dl.payload.len() > max {
+        dl.reason = format!(
+            "{} (payload truncated to its first {max} of {} bytes)",
+            dl.reason,
+            dl.payload.len()
+        );
+        dl.payload.truncate(max);
+    }
+}
+
+fn dead_letter(
+    stage: &str,
+    message: &BorrowedMessage<'_>,
+    rejection: Rejection,
+    max_payload: usize,
+) -> DeadLetter {
+    let mut dl = DeadLetter {
         stage: stage.to_owned(),
         source_topic: message.topic().to_owned(),
         partition: message.partition(),
@@ -833,5 +1218,7 @@ fn dead_letter(stage: &str, message: &BorrowedMessage<'_>, rejection: Rejection)
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
         payload: message.payload().unwrap_or_default().to_vec(),
-    }
+    };
+    cap_payload(&mut dl, max_payload);
+    dl
 }

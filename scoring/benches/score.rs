@@ -3,7 +3,8 @@
 //! on (forecast breach with scheduled and drift refits, anomaly, changepoint, logs). Reported as
 //! entity-metric series scored per minute on one core, against a baseline measured in the same
 //! run: fitting AutoETS to every thresholded series at every window (what scoring would cost
-//! without amortised refits). Also reports the AutoETS fit time per series.
+//! without amortised refits). Also reports the AutoETS fit time per series, and the size of a
+//! checkpoint of every series' state.
 //!
 //! `cargo bench -p foresight-scoring --bench score -- --bench` measures; without `--bench`
 //! (under `cargo test --benches`) it runs a small case once, so the benchmark cannot rot.
@@ -12,7 +13,7 @@ use std::{hint::black_box, time::Instant};
 
 use augurs::{Predict, ets::AutoETS, prelude::Fit};
 use chrono::{DateTime, Duration};
-use foresight_events::{EntityId, FeatureWindow, MetricStats, Origin, Processor};
+use foresight_events::{EntityId, FeatureWindow, MetricStats, Origin, Processor, StateChange};
 use foresight_scoring::{Scorer, ScoringConfig, Threshold};
 
 const METRICS: [&str; 8] = [
@@ -123,6 +124,26 @@ fn main() {
     let series = (n_entities * METRICS.len() * measured) as f64;
     let refits = scorer.fits() - fits_before;
     black_box(scores);
+    // What a checkpoint of every series costs (each series changes once per window, so this is
+    // what the scoring stage writes to Postgres per window interval), and its time.
+    let started = Instant::now();
+    let changes = scorer.checkpoint(0);
+    let checkpoint_s = started.elapsed().as_secs_f64();
+    let bytes: usize = changes
+        .iter()
+        .map(|c| match c {
+            StateChange::Put { key, value } => key.len() + value.len(),
+            StateChange::Delete { key } => key.len(),
+        })
+        .sum();
+    let per_series = bytes as f64 / scorer.series() as f64;
+    println!(
+        "scoring checkpoint: {} series, {:.1} KiB per series, {:.1} MiB in all, taken in {:.0} ms",
+        scorer.series(),
+        per_series / 1024.0,
+        bytes as f64 / (1024.0 * 1024.0),
+        checkpoint_s * 1e3
+    );
 
     // Baseline: a fresh AutoETS fit and forecast of a thresholded series' history, every window.
     let model = AutoETS::new(1, "AZN").unwrap();

@@ -370,6 +370,7 @@ pub struct Fleet {
     removed: BTreeMap<i32, BTreeSet<EntityId>>,
     model: Option<Box<dyn Predictor>>,
     late: u64,
+    redelivered: u64,
 }
 
 impl Fleet {
@@ -407,6 +408,7 @@ impl Fleet {
             removed: BTreeMap::new(),
             model: None,
             late: 0,
+            redelivered: 0,
         })
     }
 
@@ -418,6 +420,11 @@ impl Fleet {
     /// Scores that arrived after their round had closed.
     pub fn late(&self) -> u64 {
         self.late
+    }
+
+    /// Scores received again after their round had scored them (dropped).
+    pub fn redelivered(&self) -> u64 {
+        self.redelivered
     }
 
     /// The dependency graph as the stage knows it now.
@@ -615,6 +622,7 @@ impl Fleet {
             }
             if let Some((strength, dep, critical, pd)) = deps.first() {
                 s.contributors.push(Contributor {
+                    forecast_interval: None,
                     signal: "dependency".into(),
                     metric: None,
                     probability: *strength,
@@ -793,6 +801,7 @@ impl Fleet {
                         found.insert(
                             (*entity).clone(),
                             Contributor {
+ forecast_interval: None,
                                 signal: "peer_outlier".into(),
                                 metric: Some(metric.clone()),
                                 probability,
@@ -914,8 +923,16 @@ impl Processor for Fleet {
                 progress.idle = false;
                 let late = self.closed_until.is_some_and(|c| t <= c);
                 let m = self.member(&entity, origin.partition);
+                // An entity's scores come in time order (its windows close in order), so one
+                // for a closed round at or before its newest is a redelivery (a restarted
+                // upstream stage re-emitting what it emitted before its last checkpoint): its
+                // round has scored it already, and scoring it again alone would publish its id
+                // with other content.
+                let redelivered = late && m.last_time.is_some_and(|l| t <= l);
                 m.last_time = Some(m.last_time.map_or(t, |l| l.max(t)));
-                if late {
+                if redelivered {
+                    self.redelivered += 1;
+                } else if late {
                     self.late += 1;
                     self.score_round(t, vec![score], false, out);
                 } else {
@@ -1300,6 +1317,25 @@ mod tests {
         assert!(!one.is_empty());
         assert_eq!(by_id(one), by_id(two));
         assert_eq!(f2.late(), 0);
+    }
+
+    #[test]
+    fn redelivered_scores_of_closed_rounds_are_dropped_and_late_ones_scored_alone() {
+        let inputs = web_fleet(8);
+        let mut f = fleet(GraphConfig::default());
+        let first = run(&mut f, &inputs);
+        assert!(f.closed_until.is_some());
+        // An upstream stage restarted and re-emits what it had emitted: nothing new comes out,
+        // so no id is published again with other content.
+        let again = run(&mut f, &inputs[..18]);
+        assert!(again.is_empty(), "{again:?}");
+        assert_eq!((f.redelivered(), f.late()), (18, 0));
+        // A score that is new but late (an entity first heard of after its round closed) is
+        // still scored, alone.
+        let late = run(&mut f, &[(0, score("web-7", 1, 0.05, 50.0))]);
+        assert_eq!(late.len(), 1);
+        assert_eq!(f.late(), 1);
+        assert!(!first.is_empty());
     }
 
     #[test]

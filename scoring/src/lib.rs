@@ -97,7 +97,7 @@ use augurs::{
 use distrs::Normal;
 use foresight_events::{
     Band, Contributor, EntityId, FeatureWindow, LogStats, MetricStats, Origin, Output, Processor,
-    RiskScore, ScoreMethod,
+    RiskScore, ScoreMethod, StateChange, StateError, decode_state, encode_state,
 };
 use serde::{Deserialize, Serialize};
 
@@ -393,8 +393,12 @@ pub struct Scorer {
     model: AutoETS,
     /// Anomaly state per series (entity, metric).
     series: HashMap<(EntityId, String), Series>,
-    /// Windows scored: a logical clock for forgetting the least recently seen series.
-    tick: u64,
+    /// End (event time, ms) of the window being scored: when its series were last seen, for
+    /// forgetting the least recently seen ones. Event time, so what is forgotten does not depend
+    /// on when the scorer ran.
+    now: i64,
+    /// Series forgotten since their partition's last checkpoint, by partition.
+    forgotten: Vec<(i32, String)>,
     /// Forecast fits made so far.
     fits: u64,
 }
@@ -421,8 +425,10 @@ struct Series {
     detector: anomaly::AnomalyDetector,
     /// The partition its entity came from, to drop it when the partition is revoked.
     partition: i32,
-    /// `tick` of its last update.
-    seen: u64,
+    /// Event time (ms) of its last update.
+    seen: i64,
+    /// Changed since its partition's last checkpoint.
+    dirty: bool,
 }
 
 /// One signal's contribution, with its interval.
@@ -458,6 +464,8 @@ struct Breach {
     upper: f64,
     steps_to_breach: Option<usize>,
     forecast_at_horizon: f64,
+    /// The forecast's 80% prediction interval at the horizon.
+    interval_at_horizon: [f64; 2],
     /// The forecasting model (`AutoETS`, `MSTL`, `constant`).
     model: &'static str,
 }
@@ -477,7 +485,8 @@ impl Scorer {
             z,
             model,
             series: HashMap::new(),
-            tick: 0,
+            now: i64::MIN,
+            forgotten: Vec::new(),
             fits: 0,
         })
     }
@@ -504,7 +513,7 @@ impl Scorer {
         let anomaly = &self.config.anomaly;
         Self::series_in(
             &mut self.series,
-            self.tick,
+            self.now,
             anomaly,
             entity,
             name,
@@ -517,7 +526,7 @@ impl Scorer {
     /// the series is borrowed.
     fn series_in<'a>(
         map: &'a mut HashMap<(EntityId, String), Series>,
-        tick: u64,
+        now: i64,
         anomaly: &anomaly::AnomalyConfig,
         entity: &EntityId,
         name: &str,
@@ -535,10 +544,12 @@ impl Scorer {
                 forecast: None,
                 detector,
                 partition,
-                seen: tick,
+                seen: now,
+                dirty: true,
             }
         });
-        series.seen = tick;
+        series.seen = now;
+        series.dirty = true;
         series.partition = partition;
         series
     }
@@ -562,6 +573,7 @@ impl Scorer {
         }
         let probability = pr.anomaly * strength;
         Some(Signal::point(Contributor {
+            forecast_interval: None,
             signal: "anomaly".into(),
             metric: Some(name.to_owned()),
             probability,
@@ -613,6 +625,7 @@ impl Scorer {
         let after = h[last..].iter().sum::<f64>() / (h.len() - last) as f64;
         let probability = self.config.prior.changepoint;
         Some(Signal::point(Contributor {
+            forecast_interval: None,
             signal: "changepoint".into(),
             metric: Some(name.to_owned()),
             probability,
@@ -635,6 +648,7 @@ impl Scorer {
         }
         let probability = pr.logs * strength;
         Some(Signal::point(Contributor {
+            forecast_interval: None,
             signal: "logs".into(),
             metric: None,
             probability,
@@ -655,10 +669,20 @@ impl Scorer {
         if self.series.len() <= self.config.max_series {
             return;
         }
-        let mut seen: Vec<u64> = self.series.values().map(|s| s.seen).collect();
-        let cut = seen.len() / 10;
-        let (_, &mut oldest_kept, _) = seen.select_nth_unstable(cut);
-        self.series.retain(|_, s| s.seen >= oldest_kept);
+        // The least recently seen in event time, ties broken by series: which series go is
+        // decided by the data alone.
+        let mut order: Vec<(i64, &(EntityId, String))> =
+            self.series.iter().map(|(k, s)| (s.seen, k)).collect();
+        let cut = (order.len() / 10).max(order.len() - self.config.max_series);
+        order.select_nth_unstable(cut);
+        let gone: Vec<(EntityId, String)> =
+            order[..cut].iter().map(|(_, k)| (*k).clone()).collect();
+        for key in gone {
+            if let Some(s) = self.series.remove(&key) {
+                self.forgotten
+                    .push((s.partition, series_key(&key.0, &key.1)));
+            }
+        }
     }
 
     /// Fits a forecast of `steps` steps to `history`: MSTL when the periodogram finds a season,
@@ -737,7 +761,7 @@ impl Scorer {
         let newest = *history.last()?;
         let series = Self::series_in(
             &mut self.series,
-            self.tick,
+            self.now,
             &self.config.anomaly,
             entity,
             name,
@@ -826,6 +850,11 @@ impl Scorer {
             upper: worse.max(probability),
             steps_to_breach,
             forecast_at_horizon: *points.last()?,
+            interval_at_horizon: {
+                // z of a two-sided 80% interval.
+                let (mean, sd) = (*points.last()?, *sds.last()?);
+                [mean - 1.2816 * sd, mean + 1.2816 * sd]
+            },
             model,
         })
     }
@@ -836,7 +865,7 @@ impl Processor for Scorer {
     type Output = RiskScore;
 
     fn process(&mut self, window: FeatureWindow, origin: Origin, out: &mut Vec<Output<RiskScore>>) {
-        self.tick += 1;
+        self.now = window.end.timestamp_millis();
         let window_ms = (window.end - window.start).num_milliseconds().max(1);
         let horizon_ms = self.config.horizon.as_millis() as i64;
         let steps = (horizon_ms + window_ms - 1) / window_ms;
@@ -876,6 +905,7 @@ impl Processor for Scorer {
                     upper: breach.upper,
                     steps_to_breach: breach.steps_to_breach,
                     contributor: Contributor {
+                        forecast_interval: Some(breach.interval_at_horizon),
                         signal: "forecast_breach".into(),
                         metric: Some(name.clone()),
                         probability: breach.probability,
@@ -968,6 +998,134 @@ impl Processor for Scorer {
 
     fn forget_partition(&mut self, partition: i32) {
         self.series.retain(|_, s| s.partition != partition);
+        self.forgotten.retain(|(p, _)| *p != partition);
+    }
+
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn checkpoint(&mut self, partition: i32) -> Vec<StateChange> {
+        let mut dirty: Vec<(&(EntityId, String), &mut Series)> = self
+            .series
+            .iter_mut()
+            .filter(|(_, s)| s.partition == partition && s.dirty)
+            .collect();
+        dirty.sort_by(|a, b| a.0.cmp(b.0));
+        let mut changes: Vec<StateChange> = dirty
+            .into_iter()
+            .map(|((entity, metric), series)| {
+                series.dirty = false;
+                StateChange::Put {
+                    key: series_key(entity, metric),
+                    value: encode_state(STATE_VERSION, &series.state()),
+                }
+            })
+            .collect();
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.forgotten)
+            .into_iter()
+            .partition(|(p, _)| *p == partition);
+        self.forgotten = kept;
+        changes.extend(gone.into_iter().map(|(_, key)| StateChange::Delete { key }));
+        changes
+    }
+
+    fn restore(
+        &mut self,
+        partition: i32,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StateError> {
+        for (key, value) in entries {
+            let fail = |reason: String| StateError {
+                key: key.clone(),
+                reason,
+            };
+            let (entity, metric) = key
+                .split_once(SERIES_KEY_SEPARATOR)
+                .ok_or_else(|| fail("not an entity and a metric".into()))?;
+            let entity = EntityId::new(entity).map_err(|e| fail(e.to_string()))?;
+            let state: SeriesState = decode_state(&key, STATE_VERSION, &value)?;
+            let series = Series::restored(state, &self.config.anomaly, partition).map_err(fail)?;
+            self.series.insert((entity, metric.to_owned()), series);
+        }
+        Ok(())
+    }
+}
+
+/// Version of the checkpointed series state encoding (postcard of [`SeriesState`]).
+const STATE_VERSION: u8 = 1;
+
+/// Separates entity and metric in a series' checkpoint key (entity ids hold no control
+/// characters, so the first one splits them).
+const SERIES_KEY_SEPARATOR: char = '\u{1f}';
+
+fn series_key(entity: &EntityId, metric: &str) -> String {
+    format!("{entity}{SERIES_KEY_SEPARATOR}{metric}")
+}
+
+/// The forecasting models, by the name recorded in explanations.
+const FORECAST_MODELS: [&str; 3] = ["constant", "MSTL", "AutoETS"];
+
+/// A series' checkpointed state: its detector and cached forecast, exactly.
+#[derive(Debug, Serialize, Deserialize)]
+struct SeriesState {
+    forecast: Option<ForecastState>,
+    detector: anomaly::DetectorState,
+    seen: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ForecastState {
+    points: Vec<f64>,
+    sds: Vec<f64>,
+    age: usize,
+    fitted_on: usize,
+    model: String,
+}
+
+impl Series {
+    fn state(&self) -> SeriesState {
+        SeriesState {
+            forecast: self.forecast.as_ref().map(|f| ForecastState {
+                points: f.points.clone(),
+                sds: f.sds.clone(),
+                age: f.age,
+                fitted_on: f.fitted_on,
+                model: f.model.to_owned(),
+            }),
+            detector: self.detector.state(),
+            seen: self.seen,
+        }
+    }
+
+    fn restored(
+        state: SeriesState,
+        config: &anomaly::AnomalyConfig,
+        partition: i32,
+    ) -> Result<Self, String> {
+        let forecast = match state.forecast {
+            None => None,
+            Some(f) => {
+                let model = FORECAST_MODELS
+                    .into_iter()
+                    .find(|m| *m == f.model)
+                    .ok_or_else(|| format!("unknown forecasting model {:?}", f.model))?;
+                Some(CachedForecast {
+                    points: f.points,
+                    sds: f.sds,
+                    age: f.age,
+                    fitted_on: f.fitted_on,
+                    model,
+                })
+            }
+        };
+        Ok(Self {
+            forecast,
+            detector: anomaly::AnomalyDetector::restored(config.clone(), state.detector)?,
+            partition,
+            seen: state.seen,
+            dirty: false,
+        })
     }
 }
 
@@ -1230,6 +1388,104 @@ mod tests {
         let r = score(&mut s, w).unwrap();
         assert_eq!(r.contributors[0].signal, "logs", "{r:?}");
         assert!(r.probability > 0.3, "{r:?}");
+    }
+
+    /// Applies checkpoint changes to a key-value store, as the checkpoint table does.
+    fn apply(store: &mut BTreeMap<String, Vec<u8>>, changes: Vec<StateChange>) {
+        for c in changes {
+            match c {
+                StateChange::Put { key, value } => {
+                    store.insert(key, value);
+                }
+                StateChange::Delete { key } => {
+                    store.remove(&key);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_restored_scorer_scores_exactly_as_the_one_that_checkpointed() {
+        // A daily cycle with a trend towards the limit: forecasts are cached between refits,
+        // detectors are past their learning, and incidents open.
+        let f = |i: usize| {
+            60.0 + 0.05 * i as f64
+                + 10.0 * (i as f64 * std::f64::consts::TAU / 24.0).sin()
+                + 3.0 * noise(i)
+        };
+        let ws = windows("cpu", 400, f);
+        let mut original = scorer(above("cpu", 95.0));
+        let mut store = BTreeMap::new();
+        for (i, w) in ws[..300].iter().enumerate() {
+            score(&mut original, w.clone());
+            if i % 50 == 49 {
+                apply(&mut store, original.checkpoint(0));
+            }
+        }
+        assert!(original.checkpoint(1).is_empty(), "nothing of partition 1");
+        let mut restored = scorer(above("cpu", 95.0));
+        restored.restore(0, store.into_iter().collect()).unwrap();
+        let fits = (original.fits(), restored.fits());
+        let mut scores = Vec::new();
+        for w in &ws[300..] {
+            let (a, b) = (
+                score(&mut original, w.clone()),
+                score(&mut restored, w.clone()),
+            );
+            assert_eq!(a, b, "window ending {}", w.end);
+            scores.push(a.expect("every window has enough history to be scored"));
+        }
+        assert_eq!(
+            original.fits() - fits.0,
+            restored.fits() - fits.1,
+            "the same refits"
+        );
+        // A fresh scorer, by contrast, scores the same windows differently: the state matters.
+        let mut fresh = scorer(above("cpu", 95.0));
+        let differ = ws[300..]
+            .iter()
+            .zip(&scores)
+            .filter(|(w, a)| score(&mut fresh, (*w).clone()).as_ref() != Some(*a))
+            .count();
+        assert!(differ > 0);
+    }
+
+    #[test]
+    fn forgotten_series_are_deleted_from_the_checkpoint_and_bad_state_is_refused() {
+        let mut s = Scorer::new(ScoringConfig {
+            max_series: 10,
+            ..ScoringConfig::default()
+        })
+        .unwrap();
+        let mut store = BTreeMap::new();
+        for e in 0..30 {
+            let mut w = window("cpu", vec![1.0, 2.0, 3.0]);
+            w.entity = EntityId::new(format!("e{e:02}")).unwrap();
+            w.end += chrono::Duration::seconds(e);
+            score(&mut s, w);
+            apply(&mut store, s.checkpoint(0));
+        }
+        assert_eq!(
+            store.len(),
+            s.series(),
+            "the store holds exactly the kept series"
+        );
+        assert!(store.len() <= 11, "{}", store.len());
+        let mut restored = Scorer::new(ScoringConfig::default()).unwrap();
+        restored
+            .restore(0, store.clone().into_iter().collect())
+            .unwrap();
+        assert_eq!(restored.series(), s.series());
+        let bad = vec![("e00\u{1f}cpu".to_owned(), vec![STATE_VERSION, 0xff])];
+        let err = restored.restore(0, bad).unwrap_err();
+        assert!(err.to_string().contains("undecodable"), "{err}");
+        let err = restored
+            .restore(0, vec![("no-separator".into(), vec![STATE_VERSION])])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not an entity and a metric"),
+            "{err}"
+        );
     }
 
     #[test]

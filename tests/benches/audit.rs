@@ -3,7 +3,8 @@
 //! plain table? And how long does `foresight audit verify` take over the result?
 //!
 //! `cargo bench -p foresight-tests --bench audit` (Postgres up: `deploy/dev/stack.sh up`) records
-//! 200,000 risk-score rows (realistic payloads, 1,000 per batch, 4 source partitions), copies the
+//! 200,000 risk-score rows (realistic payloads, in batches of `runner.recorder_batch`, 4 source
+//! partitions, written as the recorder writes them), copies the
 //! same rows with `COPY ... FROM STDIN` (baseline, one stream), prints both rates and the ratio,
 //! then appends until the log holds 1,000,000 rows and times a full verification. Without
 //! `--bench` (under `cargo test --benches`) it does the same with 5,000 and 10,000 rows.
@@ -34,6 +35,7 @@ fn rows(from: usize, n: usize) -> Vec<(Row, Position)> {
                 health: 100.0 * (1.0 - p),
                 band: foresight_scoring::Bands::default().of(p),
                 contributors: vec![Contributor {
+                    forecast_interval: None,
                     signal: "anomaly".into(),
                     metric: Some("cpu_pct".into()),
                     probability: p,
@@ -96,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let pool = db.pool().await?;
     foresight::db::MIGRATOR.run(&pool).await?;
-    let batch = 1000;
+    let batch = foresight::config::RunnerConfig::default().recorder_batch;
     let data = rows(0, n);
 
     // Baseline: a bare COPY of the same rows into a plain table with the same columns.
@@ -124,13 +126,16 @@ async fn main() -> anyhow::Result<()> {
     drop(conn);
     let bare = started.elapsed();
 
-    // The recorder's append, one transaction per batch.
+    // The recorder's writes, batch by batch as it reads them: each source partition's rows (and
+    // its offset) in a transaction of its own, the partitions concurrently.
     let started = Instant::now();
     let mut inserted = 0;
     for chunk in data.chunks(batch) {
-        let mut tx = pool.begin().await?;
-        inserted += foresight::audit::append(&mut tx, chunk).await?;
-        tx.commit().await?;
+        let mut next = std::collections::HashMap::new();
+        for (_, p) in chunk {
+            next.insert((p.topic.clone(), p.partition), p.offset + 1);
+        }
+        inserted += foresight::recorder::record(&pool, "bench", chunk, &next).await?;
     }
     let ours = started.elapsed();
     assert_eq!(inserted, n as u64);

@@ -5,6 +5,7 @@
 //! addresses come from `FORESIGHT_TEST_BROKERS` (default `127.0.0.1:9092`) and
 //! `FORESIGHT_TEST_PG` (default `postgres://postgres@127.0.0.1:5432`).
 
+pub mod faults;
 pub mod nab;
 
 use std::{
@@ -97,6 +98,8 @@ pub fn config(prefix: &str, db: &TestDb) -> Config {
     config.postgres.url = db.url.clone();
     config.runner.commit_interval = Duration::from_millis(200);
     config.runner.drain_timeout = Duration::from_secs(10);
+    // Tests run side by side: each process's health server on a port of its own.
+    config.observability.listen = "127.0.0.1:0".into();
     config
 }
 
@@ -149,6 +152,10 @@ pub async fn produce(
 /// A message read back from a topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Read {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
     /// Its key.
     pub key: Option<String>,
     /// Its value.
@@ -158,11 +165,22 @@ pub struct Read {
 }
 
 /// Reads everything currently in `topic`, from the beginning, with a throw-away consumer group.
-/// Once the group has its partitions, keeps reading until `settle` passes with nothing new (or
-/// `max` passes).
+/// Once the group has its partitions, keeps reading until `settle` passes with nothing new and
+/// every partition has been read to the end it had then (its high watermark), or until `max`
+/// passes (then it says what it could not read).
 pub fn read_all(topic: &str, settle: Duration, max: Duration) -> anyhow::Result<Vec<Read>> {
+    read_all_at(&brokers(), topic, settle, max)
+}
+
+/// [`read_all`] from the brokers at `brokers`.
+pub fn read_all_at(
+    brokers: &str,
+    topic: &str,
+    settle: Duration,
+    max: Duration,
+) -> anyhow::Result<Vec<Read>> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{}", tag()))
         .set("enable.auto.commit", "false")
         // Do not let the broker hold a fetch for long: the settle time must see every message.
@@ -174,15 +192,26 @@ pub fn read_all(topic: &str, settle: Duration, max: Duration) -> anyhow::Result<
     let mut last_new = Instant::now();
     let mut out = Vec::new();
     let mut assigned = false;
-    while started.elapsed() < max && (!assigned || last_new.elapsed() < settle) {
+    // Next offset to read, per partition, from what was read.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    while started.elapsed() < max {
         if !assigned && consumer.assignment()?.count() > 0 {
             // The settle time counts from when the group has its partitions.
             assigned = true;
             last_new = Instant::now();
         }
+        if assigned && last_new.elapsed() >= settle {
+            // Quiet for the settle time: done if every partition is read to its end.
+            let behind = unread(&consumer, topic, &next)?;
+            if behind.is_empty() {
+                return Ok(out);
+            }
+            last_new = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 last_new = Instant::now();
+                next.insert(m.partition(), m.offset() + 1);
                 let headers = m
                     .headers()
                     .map(|h| {
@@ -198,6 +227,8 @@ pub fn read_all(topic: &str, settle: Duration, max: Duration) -> anyhow::Result<
                     })
                     .unwrap_or_default();
                 out.push(Read {
+                    partition: m.partition(),
+                    offset: m.offset(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or_default().to_vec(),
                     headers,
@@ -207,7 +238,40 @@ pub fn read_all(topic: &str, settle: Duration, max: Duration) -> anyhow::Result<
             None => {}
         }
     }
+    let behind = if assigned {
+        unread(&consumer, topic, &next)?
+    } else {
+        vec![]
+    };
+    eprintln!(
+        "reading {topic}: stopped after {max:?} with {} messages read{}",
+        out.len(),
+        if behind.is_empty() {
+            String::new()
+        } else {
+            format!("; not read to the end: {behind:?} (partition, next offset, end)")
+        }
+    );
     Ok(out)
+}
+
+/// The assigned partitions of `topic` not yet read to their high watermark: (partition, next
+/// offset to read, end).
+fn unread(
+    consumer: &BaseConsumer,
+    topic: &str,
+    next: &BTreeMap<i32, i64>,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let mut behind = Vec::new();
+    for e in consumer.assignment()?.elements_for_topic(topic) {
+        let (low, high) =
+            consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+        let at = next.get(&e.partition()).copied().unwrap_or(low).max(low);
+        if at < high {
+            behind.push((e.partition(), at, high));
+        }
+    }
+    Ok(behind)
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
@@ -277,4 +341,16 @@ pub fn in_process(
         p.feed(bytes, "in-process", origin, message_time);
     }
     Ok(p.into_outputs())
+}
+
+/// The `foresight` binary of this build (`cargo build -p foresight`): the test binaries are in
+/// `target/<profile>/deps`, it one level up..
+pub fn binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|d| d.join("foresight"))
+        .filter(|b| b.exists());
+    bin.ok_or_else(|| anyhow::anyhow!("build the binary first: cargo build -p foresight"))
 }

@@ -1,0 +1,760 @@
+//! The fault suite: the live pipeline against the real broker and the real Postgres while
+//! things go wrong — stage processes SIGKILLed, the broker stopped, the database unreachable,
+//! consumers joining and leaving, a stalled consumer, poison, a graceful stop. Every input is
+//! unique (entity, metric, time); the checker (`foresight_tests::faults::check`) compares the
+//! in-process replay of the same input with the windows, scores, decisions, outcomes, dead
+//! letters, audit rows and command-actuator calls found, and each test asserts that nothing was
+//! lost, duplicated or unexplained. The numbers go to `$FORESIGHT_RELIABILITY_DIR/*.json` (see `Tally::report`) and
+//! docs/reliability.md.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use chrono::{Duration as Delta, DurationRound as _, Utc};
+use foresight::{Config, Stage, kafka::Topics, pipeline::Observer};
+use foresight_actuators::config::{
+    ActionConfig, ActuatorConfig, CommandConfig, GroupLimits, Mode, VerificationConfig,
+};
+use foresight_tests::{
+    TestDb, eventually,
+    faults::{Process, Proxy, Reference, Tally, Tansu, check, telemetry, write_config},
+    produce, tag,
+};
+use rand::{Rng as _, SeedableRng as _};
+use rdkafka::{
+    ClientConfig, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer as _},
+};
+use tokio_util::sync::CancellationToken;
+
+/// One scenario's world: its topics and database, the replay's reference, the command
+/// actuator's call log, and a configuration file for `foresight` processes.
+struct World {
+    name: &'static str,
+    /// The test's own broker (the shared one is left to the other tests), unless the test
+    /// brings one.
+    _broker: Option<Tansu>,
+    dir: tempfile::TempDir,
+    db: TestDb,
+    pool: sqlx::PgPool,
+    config: Config,
+    topics: Topics,
+    records: Vec<(String, Vec<u8>)>,
+    reference: Reference,
+    calls: PathBuf,
+    config_file: PathBuf,
+}
+
+impl World {
+    /// `entities` nodes x `steps` steps of telemetry (two samples each), on `brokers` (default:
+    /// a tansu of its own, on sqlite storage: tansu 0.6's memory storage serves a fetch from
+    /// inside a record batch from the next batch on, so a consumer resuming at a committed
+    /// offset mid-batch would skip records; see docs/reliability.md).
+    async fn new(
+        name: &'static str,
+        entities: usize,
+        steps: i64,
+        brokers: Option<String>,
+    ) -> anyhow::Result<Self> {
+        // `FORESIGHT_FAULT_KEEP=1` keeps the scenario's directory (the processes' logs) after it.
+        let mut dir = tempfile::tempdir()?;
+        if std::env::var_os("FORESIGHT_FAULT_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("{name}: logs kept in {}", dir.path().display());
+        }
+        let (brokers, broker) = match brokers {
+            Some(b) => (b, None),
+            None => {
+                let mut tansu = Tansu::new(dir.path())?;
+                tansu.start().await?;
+                (tansu.address(), Some(tansu))
+            }
+        };
+        let db = TestDb::create().await?;
+        let pool = db.pool().await?;
+        foresight::db::MIGRATOR.run(&pool).await?;
+        let prefix = format!("fault-{name}-{}", tag());
+        let mut config = foresight_tests::config(&prefix, &db);
+        config.kafka.brokers = brokers;
+        config.features.window = Duration::from_secs(60);
+        config.features.max_out_of_orderness = Duration::ZERO;
+        config.features.allowed_lateness = Duration::ZERO;
+        config.scoring.horizon = Duration::from_secs(20 * 60);
+        config.scoring.min_history = 10;
+        config.runner.commit_interval = Duration::from_millis(200);
+        config.runner.checkpoint_interval = Duration::from_millis(500);
+        config.runner.drain_timeout = Duration::from_secs(5);
+        // A killed member's partitions move on after 6 s rather than librdkafka's 45 s.
+        for (k, v) in [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "1000"),
+        ] {
+            config.kafka.consumer.insert(k.into(), v.into());
+        }
+        let end = Utc::now().duration_trunc(Delta::minutes(1))? - Delta::minutes(1);
+        let records = telemetry(entities, steps, end);
+        let replayed = Instant::now();
+        let outputs = foresight_tests::in_process(&config, &records, None)?;
+        eprintln!(
+            "{name}: {} records replayed in-process in {:.1?}: {} windows, {} scores, {} decisions",
+            records.len(),
+            replayed.elapsed(),
+            outputs.windows.len(),
+            outputs.scores.len(),
+            outputs.decisions.len()
+        );
+        let reference = Reference::new(&outputs, records.len(), 0);
+        anyhow::ensure!(
+            !reference.decisions.is_empty(),
+            "the workload must lead to decisions"
+        );
+        // Decisions are acted on by a script that logs each call, so double actions are counted.
+        let calls = dir.path().join("calls.txt");
+        let script = dir.path().join("act.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ncat > /dev/null\necho \"$FORESIGHT_OPERATION $FORESIGHT_DECISION_ID\" >> {}\n",
+                calls.display()
+            ),
+        )?;
+        let mut perms = std::fs::metadata(&script)?.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&script, perms)?;
+        let a = &mut config.actuators;
+        a.default_mode = Mode::Auto;
+        a.kill_switch_poll = Duration::from_millis(200);
+        a.groups.insert(
+            "default".into(),
+            GroupLimits {
+                max_actions: 1_000_000,
+                per: Duration::from_secs(60),
+                max_targets: 1_000_000,
+            },
+        );
+        for d in reference.decisions.values() {
+            a.actions
+                .entry(d.action.kind)
+                .or_insert_with(|| ActionConfig {
+                    actuator: ActuatorConfig::Command(CommandConfig {
+                        program: script.clone(),
+                        args: vec![],
+                        timeout: Duration::from_secs(20),
+                        max_output: 256,
+                        env: BTreeMap::new(),
+                    }),
+                    group: "default".into(),
+                    verification: VerificationConfig {
+                        window: Duration::ZERO,
+                        margin: 0.1,
+                        sustained: 2,
+                    },
+                    rollback_on_failure: false,
+                });
+        }
+        let config_file = dir.path().join("foresight.toml");
+        write_config(&config, &config_file)?;
+        let topics = Topics::new(&config.kafka.topic_prefix);
+        foresight::kafka::create_topics(&config.kafka, &topics).await?;
+        Ok(Self {
+            name,
+            _broker: broker,
+            dir,
+            db,
+            pool,
+            config,
+            topics,
+            records,
+            reference,
+            calls,
+            config_file,
+        })
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Starts `foresight run` of `stages`, logging to `log` (at `$FORESIGHT_FAULT_LOG`, a
+    /// `RUST_LOG` filter, if set: e.g. `warn,foresight=info,foresight::runner=debug` to see
+    /// every checkpoint).
+    fn start(&self, stages: &[&str], log: &str) -> anyhow::Result<Process> {
+        let filter = std::env::var("FORESIGHT_FAULT_LOG").ok();
+        let env: Vec<(&str, &str)> = filter.iter().map(|f| ("RUST_LOG", f.as_str())).collect();
+        Process::start(&self.config_file, stages, &self.log(log), &env)
+    }
+
+    /// A producer to this world's broker.
+    fn producer(&self) -> anyhow::Result<rdkafka::producer::FutureProducer> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", &self.config.kafka.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create()?)
+    }
+
+    /// Produces records `range` of the input.
+    async fn produce(
+        &self,
+        producer: &rdkafka::producer::FutureProducer,
+        range: std::ops::Range<usize>,
+    ) -> anyhow::Result<()> {
+        produce(producer, &self.topics.metrics, &self.records[range]).await
+    }
+
+    /// Whether the audit log holds every expected decision and score, and every decision
+    /// an outcome.
+    async fn complete(&self) -> anyhow::Result<bool> {
+        let (decisions, scores, decided) = self.counts().await?;
+        // Every score recorded, and every decision recorded has its outcome recorded.
+        Ok(scores >= self.reference.scores.len() as i64 && decided >= decisions && decisions > 0)
+    }
+
+    /// Decisions, scores and decisions with an outcome in the audit log.
+    async fn counts(&self) -> anyhow::Result<(i64, i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM decisions), (SELECT count(*) FROM scores), \
+             (SELECT count(DISTINCT decision_id) FROM outcomes)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Waits (at most `limit`) until the audit log is complete; returns how long it took.
+    async fn caught_up(&self, limit: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let waited = eventually("the audit log to hold everything", limit, || async {
+            Ok(self.complete().await?.then_some(()))
+        })
+        .await;
+        let took = started.elapsed();
+        // Nothing still on its way (a decision published but not yet recorded).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let waited = match waited {
+            Ok(()) if !self.complete().await? => Err(anyhow::anyhow!("more arrived after")),
+            w => w,
+        };
+        if let Err(e) = waited {
+            // What differs, to say why it never completed.
+            match self.check().await {
+                Ok(t) => eprintln!(
+                    "{}: at the time-out: {}\nthe lost windows' partitions in the stages' logs:\n{}",
+                    self.name,
+                    serde_json::to_string_pretty(&t)?,
+                    self.history(&t)
+                ),
+                Err(e) => eprintln!(
+                    "{}: at the time-out, the check failed too: {e:#}",
+                    self.name
+                ),
+            }
+            let (d, s, o) = self.counts().await?;
+            return Err(e.context(format!(
+                "{}: {d} of {} decisions, {s} of {} scores, {o} decisions with an outcome recorded",
+                self.name,
+                self.reference.decisions.len(),
+                self.reference.scores.len()
+            )));
+        }
+        Ok(took)
+    }
+
+    async fn check(&self) -> anyhow::Result<Tally> {
+        check(
+            self.name,
+            &self.reference,
+            &self.config.kafka.brokers,
+            &self.topics,
+            &self.pool,
+            Some(&self.calls),
+        )
+        .await
+    }
+
+    /// What the feature stages' logs say of the partitions of the lost windows (assignments,
+    /// revocations, restores, rewinds, fencing), to trace how a window went missing.
+    fn history(&self, tally: &Tally) -> String {
+        let partitions: BTreeSet<i32> = tally.lost_windows.iter().map(|w| w.partition).collect();
+        let mut out = String::new();
+        if partitions.is_empty() {
+            return out;
+        }
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        logs.sort();
+        for path in logs {
+            let log = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                let about = |p: i32| {
+                    line.contains(&format!("-metrics\", {p})"))
+                        || (line.contains("stage=\"features\"")
+                            && line.contains(&format!(" partition={p} ")))
+                };
+                if partitions.iter().any(|&p| about(p)) {
+                    out.push_str(&format!("{log}: {line}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        self.db.drop_db().await
+    }
+}
+
+/// Committed offsets of `group` for `topics` (partitions 0..n), by (topic, partition).
+fn committed(
+    brokers: &str,
+    group: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition(t, p);
+        }
+    }
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+const ALL: [&str; 6] = [
+    "features",
+    "scoring",
+    "fleet",
+    "allocator",
+    "actuator",
+    "recorder",
+];
+
+/// 1. A random stage process is SIGKILLed every 5-15 s, 20 times, while 100,000 samples stream
+/// in; each is restarted at once in the same consumer group. Nothing is lost, no decision is
+/// made twice, no action is taken twice, and the pipeline has caught up within 60 s of the last
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "no broker here serves it: tansu's memory storage skips records after restarts, its sqlite storage times out under this load on 2 cores (docs/reliability.md); run with --ignored"]
+async fn sigkill_a_random_stage_every_5_to_15_s() -> anyhow::Result<()> {
+    let world = World::new("sigkill", 25, 2000, None).await?;
+    assert_eq!(world.records.len(), 100_000);
+    let mut procs: Vec<Process> = ALL
+        .iter()
+        .map(|s| world.start(&[s], s))
+        .collect::<anyhow::Result<_>>()?;
+    let producer = world.producer()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let kills = 20;
+    let chunk = world.records.len() / kills;
+    let mut killed: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut last_restart = Instant::now();
+    for k in 0..kills {
+        // Input keeps arriving while stages die.
+        world.produce(&producer, k * chunk..(k + 1) * chunk).await?;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5_000..=15_000))).await;
+        let i = rng.gen_range(0..ALL.len());
+        for p in procs.iter_mut() {
+            p.alive()?;
+        }
+        procs[i].kill()?;
+        procs[i] = world.start(&[ALL[i]], ALL[i])?;
+        last_restart = Instant::now();
+        *killed.entry(ALL[i]).or_default() += 1;
+    }
+    let since_restart = last_restart.elapsed();
+    let caught_up = world.caught_up(Duration::from_secs(180)).await? + since_restart;
+    for p in procs.iter_mut() {
+        p.alive()?;
+    }
+    drop(procs);
+    let mut tally = world.check().await?;
+    tally.measured.insert("kills".into(), kills as f64);
+    for (stage, n) in &killed {
+        tally
+            .measured
+            .insert(format!("kills_{stage}"), f64::from(*n));
+    }
+    tally.measured.insert(
+        "caught_up_after_last_restart_s".into(),
+        caught_up.as_secs_f64(),
+    );
+    tally.report()?;
+    assert!(
+        caught_up <= Duration::from_secs(60),
+        "caught up only {caught_up:?} after the last restart"
+    );
+    world.finish().await
+}
+
+/// 2. The broker (a tansu of this test's own, sqlite storage) is stopped for 60 s mid-run and
+/// started again with its data: nothing is lost, the stages' producers and consumers recover by
+/// themselves (same process throughout), the backlog is drained, and memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
+    let broker_dir = tempfile::tempdir()?;
+    let mut tansu = Tansu::new(broker_dir.path())?;
+    tansu.start().await?;
+    let world = World::new("broker-stop", 10, 600, Some(tansu.address())).await?;
+    let mut foresight = world.start(&["all"], "all")?;
+    let producer = world.producer()?;
+    let half = world.records.len() / 2;
+    world.produce(&producer, 0..half).await?;
+    eventually(
+        "decisions recorded before the outage",
+        Duration::from_secs(120),
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions")
+                .fetch_one(&world.pool)
+                .await?;
+            Ok((n > 0).then_some(()))
+        },
+    )
+    .await?;
+    let rss_before = foresight.rss().unwrap_or(0);
+    tansu.stop()?;
+    let outage = Instant::now();
+    let mut rss_max = rss_before;
+    while outage.elapsed() < Duration::from_secs(60) {
+        foresight.alive()?;
+        rss_max = rss_max.max(foresight.rss().unwrap_or(0));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tansu.start().await.context("restarting tansu")?;
+    let back = Instant::now();
+    world.produce(&producer, half..world.records.len()).await?;
+    let drained = world.caught_up(Duration::from_secs(180)).await?;
+    let drained = drained.max(back.elapsed());
+    foresight.alive()?; // Recovered by itself: the same process throughout.
+    drop(foresight);
+    let mut tally = world.check().await?;
+    tally.measured.insert("outage_s".into(), 60.0);
+    tally
+        .measured
+        .insert("rss_before_mb".into(), rss_before as f64 / 1e6);
+    tally
+        .measured
+        .insert("rss_max_during_outage_mb".into(), rss_max as f64 / 1e6);
+    tally
+        .measured
+        .insert("drained_after_restart_s".into(), drained.as_secs_f64());
+    tally.report()?;
+    assert!(
+        rss_max <= rss_before + 64 * 1024 * 1024,
+        "memory grew from {rss_before} to {rss_max} bytes while the broker was down"
+    );
+    drop(tansu);
+    world.finish().await
+}
+
+/// 3. Postgres is unreachable for 30 s (a proxy in front of it cuts every connection and
+/// refuses new ones; stopping the shared server would disturb everyone else on it). Meanwhile
+/// the recorder's committed offsets never pass what the audit log holds, no decision is
+/// published without an audit row, and the pipeline recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_for_30_s() -> anyhow::Result<()> {
+    let proxy = Proxy::start("127.0.0.1:5432").await?;
+    let mut world = World::new("postgres-cut", 10, 600, None).await?;
+    // The pipeline reaches Postgres through the proxy only.
+    let mut proxied = world.config.clone();
+    proxied.postgres.url = world
+        .db
+        .url
+        .replace("127.0.0.1:5432", &proxy.address.to_string());
+    anyhow::ensure!(proxied.postgres.url != world.db.url, "{}", world.db.url);
+    write_config(&proxied, &world.config_file)?;
+    world.config = proxied;
+    let mut foresight = world.start(&["all"], "all")?;
+    let producer = world.producer()?;
+    let half = world.records.len() / 2;
+    world.produce(&producer, 0..half).await?;
+    eventually(
+        "decisions recorded before the cut",
+        Duration::from_secs(120),
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions")
+                .fetch_one(&world.pool)
+                .await?;
+            Ok((n > 0).then_some(()))
+        },
+    )
+    .await?;
+    proxy.cut();
+    let cut = Instant::now();
+    let group = format!("{}recorder", world.config.kafka.group_prefix);
+    let recorded_topics = [
+        world.topics.decisions.as_str(),
+        world.topics.outcomes.as_str(),
+        world.topics.scores.as_str(),
+        world.topics.failures.as_str(),
+    ];
+    let mut produced_during = false;
+    let mut checks = 0;
+    while cut.elapsed() < Duration::from_secs(30) {
+        foresight.alive()?;
+        if !produced_during {
+            // Work keeps arriving while the database is away.
+            world.produce(&producer, half..world.records.len()).await?;
+            produced_during = true;
+        }
+        // No offset advances past unrecorded work: what Kafka has committed for the recorder
+        // is never ahead of the offsets its transactions wrote (read directly, not proxied).
+        let kafka = committed(&world.config.kafka.brokers, &group, &recorded_topics, 3)?;
+        let db: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = $1",
+        )
+        .bind(&group)
+        .fetch_all(&world.pool)
+        .await?;
+        let db: BTreeMap<(String, i32), i64> =
+            db.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        for (key, offset) in &kafka {
+            let recorded = db.get(key).copied().unwrap_or(0);
+            anyhow::ensure!(
+                *offset <= recorded,
+                "{key:?}: committed {offset} in Kafka but only {recorded} recorded"
+            );
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    proxy.restore();
+    let recovered = world.caught_up(Duration::from_secs(180)).await?;
+    foresight.alive()?; // No restart.
+    drop(foresight);
+    let mut tally = world.check().await?;
+    tally.measured.insert("outage_s".into(), 30.0);
+    tally
+        .measured
+        .insert("offset_checks_during_outage".into(), f64::from(checks));
+    tally
+        .measured
+        .insert("caught_up_after_restore_s".into(), recovered.as_secs_f64());
+    tally.report()?;
+    world.finish().await
+}
+
+/// 4. Consumer-group churn: every 10 s for 3 minutes a second instance of the feature and
+/// scoring stages joins (or leaves: SIGTERM and SIGKILL in turn) beside a full pipeline.
+/// Nothing is lost or duplicated, and no committed offset ever moves back (an offset stored
+/// for a partition after it was revoked would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
+    let world = World::new("churn", 10, 1800, None).await?;
+    let mut base = world.start(&["all"], "all")?;
+    let producer = world.producer()?;
+    let groups: Vec<String> = ["features", "scoring"]
+        .iter()
+        .map(|s| format!("{}{s}", world.config.kafka.group_prefix))
+        .collect();
+    let started = Instant::now();
+    let changes = 18;
+    let chunk = world.records.len() / changes;
+    let mut extra: Option<Process> = None;
+    let mut last: BTreeMap<(String, String, i32), i64> = BTreeMap::new();
+    let mut regressions = Vec::new();
+    let mut next_change = Instant::now();
+    let mut change = 0;
+    while change < changes {
+        if Instant::now() >= next_change {
+            world
+                .produce(&producer, change * chunk..(change + 1) * chunk)
+                .await?;
+            match extra.take() {
+                None => extra = Some(world.start(&["features", "scoring"], "extra")?),
+                Some(mut p) if change % 4 == 1 => {
+                    p.terminate(Duration::from_secs(30))?;
+                }
+                Some(mut p) => p.kill()?,
+            }
+            change += 1;
+            next_change += Duration::from_secs(10);
+        }
+        base.alive()?;
+        for (group, topic) in groups
+            .iter()
+            .zip([&world.topics.metrics, &world.topics.features])
+        {
+            for ((t, p), o) in committed(&world.config.kafka.brokers, group, &[topic], 3)? {
+                let key = (group.clone(), t, p);
+                if let Some(&before) = last.get(&key)
+                    && o < before
+                {
+                    regressions.push(format!("{key:?}: {before} -> {o}"));
+                }
+                last.insert(key, o);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let churned = started.elapsed();
+    drop(extra);
+    let caught_up = world.caught_up(Duration::from_secs(180)).await?;
+    base.alive()?;
+    drop(base);
+    let mut tally = world.check().await?;
+    tally
+        .measured
+        .insert("membership_changes".into(), changes as f64);
+    tally
+        .measured
+        .insert("churn_s".into(), churned.as_secs_f64());
+    tally.measured.insert(
+        "committed_offset_regressions".into(),
+        regressions.len() as f64,
+    );
+    tally
+        .measured
+        .insert("caught_up_after_churn_s".into(), caught_up.as_secs_f64());
+    tally.report()?;
+    assert!(
+        regressions.is_empty(),
+        "committed offsets moved back: {regressions:?}"
+    );
+    world.finish().await
+}
+
+/// 5. A consumer that stops making progress while its partitions hold unread input (here its
+/// partitions are paused, as a wedged fetcher would leave them) is found by the runner's
+/// watchdog within `runner.stall_timeout` and replaced; every record is then processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_consumer_is_detected_and_recovered() -> anyhow::Result<()> {
+    let mut world = World::new("stall", 10, 300, None).await?;
+    world.config.runner.stall_timeout = Duration::from_secs(3);
+    let observer = std::sync::Arc::new(Observer::default());
+    let shutdown = CancellationToken::new();
+    let producer = world.producer()?;
+    let half = world.records.len() / 2;
+    world.produce(&producer, 0..half).await?;
+    let task = tokio::spawn({
+        let (config, observer, shutdown) =
+            (world.config.clone(), observer.clone(), shutdown.clone());
+        async move { foresight::run_stages_observed(&Stage::ALL, &config, observer, shutdown).await }
+    });
+    let progress = observer.stage(Stage::Features);
+    use std::sync::atomic::Ordering::Relaxed;
+    let result = async {
+        eventually("the first half read", Duration::from_secs(60), || async {
+            Ok((progress.messages.load(Relaxed) >= half as u64).then_some(()))
+        })
+        .await?;
+        progress.inject_stall.store(true, Relaxed);
+        // Let the stall take hold, then give the stalled consumer input it does not read.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let read_before = progress.messages.load(Relaxed);
+        world.produce(&producer, half..world.records.len()).await?;
+        let stalled_at = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let read_while_stalled = progress.messages.load(Relaxed) - read_before;
+        let detected = eventually("the watchdog", Duration::from_secs(30), || async {
+            Ok((progress.stalls.load(Relaxed) >= 1).then(|| stalled_at.elapsed()))
+        })
+        .await?;
+        let recovered = world.caught_up(Duration::from_secs(120)).await?;
+        anyhow::Ok((read_while_stalled, detected, recovered))
+    }
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .context("stages did not stop")???;
+    let (read_while_stalled, detected, recovered) = result?;
+    assert_eq!(
+        read_while_stalled, 0,
+        "the injected stall did not stop the consumer"
+    );
+    let mut tally = world.check().await?;
+    tally.measured.insert(
+        "stall_timeout_s".into(),
+        world.config.runner.stall_timeout.as_secs_f64(),
+    );
+    tally
+        .measured
+        .insert("detected_after_s".into(), detected.as_secs_f64());
+    tally.measured.insert(
+        "caught_up_after_detection_s".into(),
+        recovered.as_secs_f64(),
+    );
+    tally
+        .measured
+        .insert("stalls".into(), progress.stalls.load(Relaxed) as f64);
+    tally.report()?;
+    world.finish().await
+}
+
+/// 7. SIGTERM while input is flowing: the process finishes its in-flight work, stores its
+/// offsets, flushes its producers and exits 0 within `runner.drain_timeout`. Started again in
+/// the same groups it resumes where it stopped: nothing lost, nothing made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_0_within_the_drain_timeout() -> anyhow::Result<()> {
+    let world = World::new("sigterm", 10, 600, None).await?;
+    let mut foresight = world.start(&["all"], "all")?;
+    let producer = world.producer()?;
+    let half = world.records.len() / 2;
+    world.produce(&producer, 0..half).await?;
+    eventually("decisions recorded", Duration::from_secs(120), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM decisions")
+            .fetch_one(&world.pool)
+            .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await?;
+    // The second half arrives as the stop is requested: work is in flight.
+    let feeding = {
+        let producer = producer.clone();
+        let topic = world.topics.metrics.clone();
+        let records = world.records[half..].to_vec();
+        tokio::spawn(async move { produce(&producer, &topic, &records).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drain = world.config.runner.drain_timeout;
+    let (status, took) = foresight.terminate(drain * 3)?;
+    feeding.await??;
+    let log = std::fs::read_to_string(world.log("all"))?;
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    let stopped = log.matches("Stage stopped.").count();
+    assert_eq!(stopped, 6, "every stage reports its stop:\n{log}");
+    assert!(
+        took <= drain,
+        "took {took:?} to stop, more than the drain timeout {drain:?}"
+    );
+    drop(foresight);
+    let _again = world.start(&["all"], "again")?;
+    let caught_up = world.caught_up(Duration::from_secs(120)).await?;
+    drop(_again);
+    let mut tally = world.check().await?;
+    tally
+        .measured
+        .insert("drain_timeout_s".into(), drain.as_secs_f64());
+    tally
+        .measured
+        .insert("stopped_in_s".into(), took.as_secs_f64());
+    tally
+        .measured
+        .insert("caught_up_after_restart_s".into(), caught_up.as_secs_f64());
+    tally.report()?;
+    world.finish().await
+}
