@@ -49,6 +49,15 @@ struct World {
     config_file: PathBuf,
 }
 
+/// The broker a scenario runs on, if not a tansu of its own on sqlite storage.
+enum Broker {
+    /// One the test brings (its address).
+    Given(String),
+    /// A tansu of its own on memory storage, which serves a fetch from inside a record batch
+    /// from the next batch on: every stage must then move its consumer back by itself.
+    Memory,
+}
+
 impl World {
     /// `entities` nodes x `steps` steps of telemetry (two samples each), on `brokers` (default:
     /// a tansu of its own, on sqlite storage: tansu 0.6's memory storage serves a fetch from
@@ -58,7 +67,7 @@ impl World {
         name: &'static str,
         entities: usize,
         steps: i64,
-        brokers: Option<String>,
+        brokers: Option<Broker>,
     ) -> anyhow::Result<Self> {
         // `FORESIGHT_FAULT_KEEP=1` keeps the scenario's directory (the processes' logs) after it.
         let mut dir = tempfile::tempdir()?;
@@ -67,7 +76,12 @@ impl World {
             eprintln!("{name}: logs kept in {}", dir.path().display());
         }
         let (brokers, broker) = match brokers {
-            Some(b) => (b, None),
+            Some(Broker::Given(b)) => (b, None),
+            Some(Broker::Memory) => {
+                let mut tansu = Tansu::in_memory(dir.path())?;
+                tansu.start().await?;
+                (tansu.address(), Some(tansu))
+            }
             None => {
                 let mut tansu = Tansu::new(dir.path())?;
                 tansu.start().await?;
@@ -358,9 +372,9 @@ const ALL: [&str; 6] = [
 /// made twice, no action is taken twice, and the pipeline has caught up within 60 s of the last
 /// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "no broker here serves it: tansu's memory storage skips records after restarts, its sqlite storage times out under this load on 2 cores (docs/reliability.md); run with --ignored"]
+#[ignore = "fails: 485 records dead-lettered as late by restored feature stages, nothing else lost or doubled (docs/reliability.md); run with --ignored"]
 async fn sigkill_a_random_stage_every_5_to_15_s() -> anyhow::Result<()> {
-    let world = World::new("sigkill", 25, 2000, None).await?;
+    let world = World::new("sigkill", 25, 2000, Some(Broker::Memory)).await?;
     assert_eq!(world.records.len(), 100_000);
     let mut procs: Vec<Process> = ALL
         .iter()
@@ -418,7 +432,7 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
     let broker_dir = tempfile::tempdir()?;
     let mut tansu = Tansu::new(broker_dir.path())?;
     tansu.start().await?;
-    let world = World::new("broker-stop", 10, 600, Some(tansu.address())).await?;
+    let world = World::new("broker-stop", 10, 600, Some(Broker::Given(tansu.address()))).await?;
     let mut foresight = world.start(&["all"], "all")?;
     let producer = world.producer()?;
     let half = world.records.len() / 2;

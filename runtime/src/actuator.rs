@@ -165,6 +165,7 @@ pub(crate) async fn run(
     let producer = kafka::producer(k)?;
     let inputs = [topics.decisions.as_str(), topics.scores.as_str()];
     consumer.subscribe(&inputs)?;
+    let mut resumer = kafka::Resumer::new(false);
     tracing::info!(stage = NAME, %group, "Stage started.");
 
     let mut report = StageReport::default();
@@ -179,6 +180,7 @@ pub(crate) async fn run(
 
     'main: loop {
         for (topic, partition) in consumer.context().take_revoked() {
+            resumer.forget(&topic, partition);
             if let Some(input) = inputs.iter().position(|t| *t == topic) {
                 tracker.revoke(InputPartition {
                     input: input as u16,
@@ -211,7 +213,7 @@ pub(crate) async fn run(
                     Err(e) => tracing::error!(stage = NAME, error = %e, "Scan of the actuation ledger failed."),
                 }
             }
-            message = consumer.recv(), if tracker.in_flight() < r.max_in_flight => {
+            message = resumer.recv(NAME, &consumer), if tracker.in_flight() < r.max_in_flight => {
                 let message = match message {
                     Ok(m) => m,
                     Err(e) => {

@@ -17,7 +17,10 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 
-use crate::config::KafkaConfig;
+use crate::{
+    config::KafkaConfig,
+    offsets::{Resume, Rewind},
+};
 
 /// The topics of one pipeline, all under the configured prefix, keyed by entity id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,6 +459,101 @@ impl ConsumerContext for RebalanceContext {
                     );
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
+        }
+    }
+}
+
+/// Resumes a stateless stage's consumer where its group committed, whatever the broker serves.
+///
+/// A consumer assigned a partition fetches from its group's committed offset, and a broker must
+/// serve that fetch from the offset on even when it falls inside a record batch. One that serves
+/// it from the next batch on (tansu 0.6's memory storage) would silently skip the records
+/// between (docs/reliability.md). So the first message read from each partition after its
+/// assignment is compared with the committed offset; one past it moves the consumer back
+/// ([`Resume`]: further back each time the broker serves past it again), and what comes before
+/// the committed offset is skipped, as it was processed before. Stateful stages resume at their
+/// checkpoints instead and do not use this.
+#[derive(Debug, Default)]
+pub(crate) struct Resumer {
+    /// Off: messages are passed on as they come (stateful stages).
+    off: bool,
+    /// Partitions read since their assignment.
+    seen: std::collections::HashSet<(String, i32)>,
+    resume: Resume<(String, i32)>,
+    /// Offsets before the committed one: done before this consumer got the partition.
+    done_before: std::collections::HashMap<(String, i32), i64>,
+}
+
+impl Resumer {
+    /// A resumer for a stage that keeps state (`stateful`: it resumes at its checkpoints, and
+    /// this one passes messages on as they come) or not.
+    pub(crate) fn new(stateful: bool) -> Self {
+        Self {
+            off: stateful,
+            ..Self::default()
+        }
+    }
+
+    /// The partition was revoked: its next assignment is checked again.
+    pub(crate) fn forget(&mut self, topic: &str, partition: i32) {
+        let key = (topic.to_owned(), partition);
+        self.seen.remove(&key);
+        self.done_before.remove(&key);
+        self.resume.forget(|k| *k == key);
+    }
+
+    /// Receives the next message to process, moving the consumer back when the broker served
+    /// past the committed offset and skipping what comes before it.
+    pub(crate) async fn recv<'a>(
+        &mut self,
+        stage: &'static str,
+        consumer: &'a StreamConsumer<RebalanceContext>,
+    ) -> rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'a>> {
+        use rdkafka::{Message as _, Offset, TopicPartitionList, consumer::Consumer as _};
+        loop {
+            let message = consumer.recv().await?;
+            if self.off {
+                return Ok(message);
+            }
+            let key = (message.topic().to_owned(), message.partition());
+            let offset = message.offset();
+            if self.seen.insert(key.clone()) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                let committed = tokio::task::block_in_place(|| {
+                    consumer.committed_offsets(tpl, Duration::from_secs(10))
+                });
+                match committed.map(|t| t.find_partition(&key.0, key.1).map(|e| e.offset())) {
+                    Ok(Some(Offset::Offset(next))) => {
+                        self.resume.expect(key.clone(), next);
+                        self.done_before.insert(key.clone(), next);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(stage, topic = %key.0, partition = key.1, error = %e, "Committed offset unknown; not checked.");
+                    }
+                }
+            }
+            match self.resume.check(&key, offset) {
+                None => {}
+                Some(Rewind::Gone { expected }) => {
+                    tracing::error!(stage, topic = %key.0, partition = key.1, expected, first = offset, "Input between the committed offset and the first offset the broker serves is gone (deleted by retention?); reading on.");
+                }
+                Some(Rewind::Seek { to, tries }) => {
+                    tracing::warn!(stage, topic = %key.0, partition = key.1, from = offset, to, tries, "The broker served past the committed offset (from the next record batch?); moving the consumer back, input before the committed offset is skipped.");
+                    let seek = tokio::task::block_in_place(|| {
+                        consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
+                    });
+                    if let Err(e) = seek {
+                        tracing::warn!(stage, error = %e, "Seek failed; retrying.");
+                    }
+                    continue;
+                }
+            }
+            if self.done_before.get(&key).is_some_and(|&n| offset < n) {
+                continue;
+            }
+            return Ok(message);
         }
     }
 }

@@ -595,6 +595,7 @@ where
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
     consumer.subscribe(&topics).map_err(err)?;
+    let mut resumer = kafka::Resumer::new(stage.processor.stateful());
     let input_topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
     let input_index = |topic: &str| {
         input_topics
@@ -678,6 +679,7 @@ where
                 };
             // Closing the old one leaves the group (it may wait briefly for the coordinator).
             tokio::task::block_in_place(|| drop(std::mem::replace(&mut consumer, fresh)));
+            resumer = kafka::Resumer::new(stage.processor.stateful());
             let refs: Vec<&str> = input_topics.iter().map(String::as_str).collect();
             if let Err(source) = consumer.subscribe(&refs) {
                 failure = Some(StageError::Kafka {
@@ -704,6 +706,7 @@ where
                 }
                 Rebalanced::Revoked(topic, partition) => (topic, partition),
             };
+            resumer.forget(&topic, partition);
             if let Some(input) = input_index(&topic) {
                 tracker.revoke(InputPartition { input, partition });
                 stage.processor.forget_partition(partition);
@@ -852,7 +855,7 @@ where
                     }
                 }
             }
-            message = consumer.recv(), if tracker.in_flight() < runner.max_in_flight => {
+            message = resumer.recv(name, &consumer), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
                     Ok(m) => {
                         last_input = tokio::time::Instant::now();
