@@ -520,9 +520,8 @@ impl Resumer {
             if self.seen.insert(key.clone()) {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&key.0, key.1);
-                let committed = tokio::task::block_in_place(|| {
-                    consumer.committed_offsets(tpl, Duration::from_secs(10))
-                });
+                let committed =
+                    blocking(|| consumer.committed_offsets(tpl, Duration::from_secs(10)));
                 match committed.map(|t| t.find_partition(&key.0, key.1).map(|e| e.offset())) {
                     Ok(Some(Offset::Offset(next))) => {
                         self.resume.expect(key.clone(), next);
@@ -541,7 +540,7 @@ impl Resumer {
                 }
                 Some(Rewind::Seek { to, tries }) => {
                     tracing::warn!(stage, topic = %key.0, partition = key.1, from = offset, to, tries, "The broker served past the committed offset (from the next record batch?); moving the consumer back, input before the committed offset is skipped.");
-                    let seek = tokio::task::block_in_place(|| {
+                    let seek = blocking(|| {
                         consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
                     });
                     if let Err(e) = seek {
@@ -555,5 +554,14 @@ impl Resumer {
             }
             return Ok(message);
         }
+    }
+}
+
+/// Runs a blocking client call from async code: on a multi-threaded runtime without holding up
+/// the other tasks of its worker, on a current-thread one (tests, `replay`) in place.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }

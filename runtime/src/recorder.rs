@@ -325,7 +325,7 @@ pub(crate) async fn run(
                     } else {
                         tracing::warn!(stage = NAME, topic = %key.0, partition = key.1, from = message.offset(), to, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already recorded is skipped.");
                     }
-                    let seek = tokio::task::block_in_place(|| {
+                    let seek = kafka::blocking(|| {
                         consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
                     });
                     if let Err(e) = seek {
