@@ -533,21 +533,10 @@ impl Resumer {
                     }
                 }
             }
-            match self.resume.check(&key, offset) {
-                None => {}
-                Some(Rewind::Gone { expected }) => {
-                    tracing::error!(stage, topic = %key.0, partition = key.1, expected, first = offset, "Input between the committed offset and the first offset the broker serves is gone (deleted by retention?); reading on.");
-                }
-                Some(Rewind::Seek { to, tries }) => {
-                    tracing::warn!(stage, topic = %key.0, partition = key.1, from = offset, to, tries, "The broker served past the committed offset (from the next record batch?); moving the consumer back, input before the committed offset is skipped.");
-                    let seek = blocking(|| {
-                        consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
-                    });
-                    if let Err(e) = seek {
-                        tracing::warn!(stage, error = %e, "Seek failed; retrying.");
-                    }
-                    continue;
-                }
+            if let Some(rewind) = self.resume.check(&key, offset)
+                && move_back(stage, consumer, &key, offset, rewind)
+            {
+                continue;
             }
             if self.done_before.get(&key).is_some_and(|&n| offset < n) {
                 continue;
@@ -563,5 +552,38 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+/// Acts on a [`Rewind`] for input `offset` of `key` (topic, partition), read ahead of where
+/// reading must resume: moves the consumer back (true: the caller reads on from there) or, when
+/// the input between is gone, says so (false: the caller processes this input).
+pub(crate) fn move_back(
+    stage: &'static str,
+    consumer: &StreamConsumer<RebalanceContext>,
+    key: &(String, i32),
+    offset: i64,
+    rewind: Rewind,
+) -> bool {
+    use rdkafka::{Offset, consumer::Consumer as _};
+    match rewind {
+        Rewind::Gone { expected } => {
+            tracing::error!(stage, topic = %key.0, partition = key.1, expected, first = offset, "Input between where reading must resume and the first offset the broker serves is gone (deleted by retention?); reading on.");
+            false
+        }
+        Rewind::Seek { to, tries } => {
+            if tries == 1 {
+                tracing::info!(stage, topic = %key.0, partition = key.1, from = offset, to, "Consumer ahead of where it must resume; moving it back.");
+            } else {
+                tracing::warn!(stage, topic = %key.0, partition = key.1, from = offset, to, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already done is skipped.");
+            }
+            let seek = blocking(|| {
+                consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
+            });
+            if let Err(e) = seek {
+                tracing::warn!(stage, error = %e, "Seek failed; retrying.");
+            }
+            true
+        }
     }
 }

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::{
     config::{KafkaConfig, RunnerConfig},
     kafka::{self, Topics},
-    offsets::{Resume, Rewind},
+    offsets::Resume,
     runner::{Progress, StageError, StageReport},
 };
 
@@ -313,26 +313,12 @@ pub(crate) async fn run(
             };
             report.message(progress);
             let key = (message.topic().to_owned(), message.partition());
-            match resume.check(&key, message.offset()) {
-                None => {}
-                Some(Rewind::Gone { expected }) => {
-                    tracing::error!(stage = NAME, topic = %key.0, partition = key.1, expected, first = message.offset(), "Input between the recorded offset and the first offset the broker serves is gone (deleted by retention?); reading on.");
-                }
-                Some(Rewind::Seek { to, tries }) => {
-                    // Read from the recorded offset: the input between was never recorded.
-                    if tries == 1 {
-                        tracing::info!(stage = NAME, topic = %key.0, partition = key.1, from = message.offset(), to, "Consumer ahead of the recorded offset; moving it back.");
-                    } else {
-                        tracing::warn!(stage = NAME, topic = %key.0, partition = key.1, from = message.offset(), to, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already recorded is skipped.");
-                    }
-                    let seek = kafka::blocking(|| {
-                        consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
-                    });
-                    if let Err(e) = seek {
-                        tracing::warn!(stage = NAME, error = %e, "Seek failed; retrying.");
-                    }
-                    continue;
-                }
+            // Read from the recorded offset if the consumer came back past it: the input between
+            // was never recorded.
+            if let Some(rewind) = resume.check(&key, message.offset())
+                && kafka::move_back(NAME, &consumer, &key, message.offset(), rewind)
+            {
+                continue;
             }
             next.insert(key.clone(), message.offset() + 1);
             if recorded.get(&key).is_some_and(|&n| message.offset() < n) {
