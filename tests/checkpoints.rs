@@ -325,3 +325,62 @@ async fn a_revoked_instance_cannot_write_over_its_successors_checkpoint() -> any
     pool.close().await;
     db.drop_db().await
 }
+
+/// State a partition owns as a whole (the feature stage's clock) survives the checkpoints of the
+/// stage's other partitions: each partition restores its own. (Under one key shared by every
+/// partition, the partition checkpointed last took the row, and the others came back without
+/// their clocks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_partition_restores_its_own_clock() -> anyhow::Result<()> {
+    use foresight::checkpoint::CheckpointStore;
+    use foresight_events::{EntityId, MetricSample, Origin, Processor as _, partition_key};
+    use foresight_features::{FeaturesConfig, WindowProcessor};
+    let db = TestDb::create().await?;
+    let pool = db.pool().await?;
+    foresight::db::MIGRATOR.run(&pool).await?;
+    let topics = vec!["t.metrics".to_owned()];
+    let store = CheckpointStore::new(pool.clone(), "g-features".into());
+    let mut windows = WindowProcessor::new(FeaturesConfig::default())?;
+    let start = Utc::now().duration_trunc(Delta::hours(1))?;
+    let mut out = Vec::new();
+    for minute in 0..5 {
+        for (partition, entity) in [(0, "node-a"), (1, "node-b")] {
+            let sample = MetricSample {
+                entity: EntityId::new(entity)?,
+                metric: "cpu_pct".into(),
+                time: start + Delta::minutes(minute),
+                value: 50.0,
+                labels: Default::default(),
+                kind: Default::default(),
+            };
+            let origin = Origin {
+                input: 0,
+                partition,
+                offset: minute,
+            };
+            windows.process(
+                foresight_events::Telemetry::Sample(sample),
+                origin,
+                &mut out,
+            );
+        }
+    }
+    for partition in [0, 1] {
+        let epoch = store.load(partition, &topics, "one").await?.epoch;
+        let changes = windows.checkpoint(partition);
+        store
+            .save(partition, epoch, &[(topics[0].clone(), 5)], &changes)
+            .await?;
+    }
+    for partition in [0, 1] {
+        let restored = store.load(partition, &topics, "two").await?;
+        let keys: Vec<&str> = restored.entries.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(
+            keys.contains(&partition_key("clock", partition).as_str()),
+            "partition {partition} restored {keys:?}"
+        );
+        WindowProcessor::new(FeaturesConfig::default())?.restore(partition, restored.entries)?;
+    }
+    pool.close().await;
+    db.drop_db().await
+}

@@ -141,6 +141,9 @@ impl World {
         std::fs::set_permissions(&script, perms)?;
         let a = &mut config.actuators;
         a.default_mode = Mode::Auto;
+        // The telemetry spans hours up to now: act on every decision, however old its event
+        // time, so that each one reaches the command (and a double action would count).
+        a.max_decision_age = Duration::from_secs(30 * 24 * 3600);
         a.kill_switch_poll = Duration::from_millis(200);
         a.groups.insert(
             "default".into(),
@@ -347,7 +350,7 @@ fn committed(
             tpl.add_partition(t, p);
         }
     }
-    let got = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(15))?;
     Ok(got
         .elements()
         .iter()
@@ -372,7 +375,7 @@ const ALL: [&str; 6] = [
 /// made twice, no action is taken twice, and the pipeline has caught up within 60 s of the last
 /// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: 485 records dead-lettered as late by restored feature stages, nothing else lost or doubled (docs/reliability.md); run with --ignored"]
+#[ignore = "fails: after the fifth features kill, 418-1,000 records of one partition dead-lettered as late; nothing lost, doubled or done twice (docs/reliability.md); run with --ignored"]
 async fn sigkill_a_random_stage_every_5_to_15_s() -> anyhow::Result<()> {
     let world = World::new("sigkill", 25, 2000, Some(Broker::Memory)).await?;
     assert_eq!(world.records.len(), 100_000);
@@ -590,6 +593,7 @@ async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
     let mut extra: Option<Process> = None;
     let mut last: BTreeMap<(String, String, i32), i64> = BTreeMap::new();
     let mut regressions = Vec::new();
+    let mut skipped_samples = 0_u32;
     let mut next_change = Instant::now();
     let mut change = 0;
     while change < changes {
@@ -612,7 +616,17 @@ async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
             .iter()
             .zip([&world.topics.metrics, &world.topics.features])
         {
-            for ((t, p), o) in committed(&world.config.kafka.brokers, group, &[topic], 3)? {
+            // A sample the broker is too busy to answer in time is skipped: the next one still
+            // catches an offset that moved back (offsets only ever move on from there).
+            let sample = match committed(&world.config.kafka.brokers, group, &[topic], 3) {
+                Ok(sample) => sample,
+                Err(e) => {
+                    eprintln!("churn: committed offsets of {group} not read this round: {e:#}");
+                    skipped_samples += 1;
+                    continue;
+                }
+            };
+            for ((t, p), o) in sample {
                 let key = (group.clone(), t, p);
                 if let Some(&before) = last.get(&key)
                     && o < before
@@ -639,6 +653,10 @@ async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
     tally.measured.insert(
         "committed_offset_regressions".into(),
         regressions.len() as f64,
+    );
+    tally.measured.insert(
+        "committed_offset_samples_skipped".into(),
+        f64::from(skipped_samples),
     );
     tally
         .measured

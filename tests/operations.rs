@@ -473,10 +473,10 @@ fn tail(logs: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-fn foresight(args: &[&str], prefix: &str) -> anyhow::Result<std::process::Output> {
+fn foresight(args: &[&str], brokers: &str, prefix: &str) -> anyhow::Result<std::process::Output> {
     Ok(Command::new(foresight_tests::binary()?)
         .args(args)
-        .env("FORESIGHT_KAFKA__BROKERS", foresight_tests::brokers())
+        .env("FORESIGHT_KAFKA__BROKERS", brokers)
         .env("FORESIGHT_KAFKA__TOPIC_PREFIX", format!("{prefix}."))
         .env("FORESIGHT_KAFKA__GROUP_PREFIX", format!("{prefix}-"))
         .env("RUST_LOG", "warn")
@@ -486,9 +486,19 @@ fn foresight(args: &[&str], prefix: &str) -> anyhow::Result<std::process::Output
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_feeds_the_pipeline_and_tail_shows_its_scores_and_decisions() -> anyhow::Result<()>
 {
+    // A broker of this test's own: the simulator, the whole pipeline and the tail clients
+    // together outran the shared test broker (tansu on sqlite) on 2 cores, which then left the
+    // simulator's samples unacknowledged for over a minute. Memory storage keeps up; this test
+    // never restarts a consumer, so its fetches always start at batch boundaries (see
+    // docs/reliability.md on tansu's memory storage).
+    let broker_dir = tempfile::tempdir()?;
+    let mut broker = foresight_tests::faults::Tansu::in_memory(broker_dir.path())?;
+    broker.start().await?;
+    let brokers = broker.address();
     let db = TestDb::create().await?;
     let prefix = format!("sim-{}", tag());
     let mut config: Config = foresight_tests::config(&prefix, &db);
+    config.kafka.brokers = brokers.clone();
     // A shorter window than the default, so the simulated hours close windows quickly.
     config.features.window = Duration::from_secs(5 * 60);
     foresight::kafka::create_topics(&config.kafka, &Topics::new(&config.kafka.topic_prefix))
@@ -499,9 +509,10 @@ async fn simulate_feeds_the_pipeline_and_tail_shows_its_scores_and_decisions() -
         async move { foresight::run_stages(&foresight::Stage::ALL, &config, shutdown).await }
     });
     let result = async {
-        // 6 simulated hours of a 10-node fleet (about 15,500 samples) at up to 2,000 a second.
+        // 12 simulated hours of backfill for a 10-node fleet, then live samples, at up to 4,000 a
+        // second for 9 s (over 12,000 samples in all).
         let out = tokio::task::spawn_blocking({
-            let prefix = prefix.clone();
+            let (prefix, brokers) = (prefix.clone(), brokers.clone());
             move || {
                 foresight(
                     &[
@@ -513,6 +524,7 @@ async fn simulate_feeds_the_pipeline_and_tail_shows_its_scores_and_decisions() -
                         "--backfill",
                         "12h",
                     ],
+                    &brokers,
                     &prefix,
                 )
             }
@@ -533,15 +545,14 @@ async fn simulate_feeds_the_pipeline_and_tail_shows_its_scores_and_decisions() -
 
         for (what, min) in [("scores", 10), ("decisions", 1)] {
             let lines = eventually(what, Duration::from_secs(240), || {
-                let prefix = prefix.clone();
+                let (prefix, brokers) = (prefix.clone(), brokers.clone());
                 async move {
                     let out = tokio::task::spawn_blocking(move || {
-                        foresight(&["tail", what, "--from-beginning"], &prefix)
+                        foresight(&["tail", what, "--from-beginning"], &brokers, &prefix)
                     })
                     .await??;
-                    // The shared test broker (tansu on sqlite) can take longer than tail's own
-                    // patience to answer while the pipeline writes to it: a failed tail is "not
-                    // yet", and its error is what a time-out reports.
+                    // A failed tail (the broker slower than tail's own patience while the
+                    // pipeline writes to it) is "not yet"; its error is what a time-out reports.
                     if !out.status.success() {
                         eprintln!("tail {what}: {}", String::from_utf8_lossy(&out.stderr));
                         return Ok(None);
@@ -561,7 +572,11 @@ async fn simulate_feeds_the_pipeline_and_tail_shows_its_scores_and_decisions() -
             }
         }
         // --json prints the events themselves; --last bounds the start.
-        let out = foresight(&["tail", "decisions", "--last", "1", "--json"], &prefix)?;
+        let out = foresight(
+            &["tail", "decisions", "--last", "1", "--json"],
+            &brokers,
+            &prefix,
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert!(!lines.is_empty() && lines.len() <= config.kafka.partitions as usize);

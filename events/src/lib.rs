@@ -28,7 +28,7 @@ pub use inventory::{
 };
 pub use stage::{
     InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError, decode_state,
-    encode_state,
+    encode_state, partition_key,
 };
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,

@@ -126,6 +126,18 @@ pub trait Processor {
     }
 }
 
+/// The checkpoint key of state a partition owns as a whole (not an entity's: a clock, a
+/// progress marker), named `name`.
+///
+/// A stage's checkpoint keys are unique across its partitions (an entity's key follows the
+/// entity from partition to partition), so such state needs the partition in its key: under one
+/// shared key, each partition's checkpoint would take the row over from the others, and a
+/// partition restored after another had written it would come back without its own. It starts
+/// with a control character, so no entity id can be it.
+pub fn partition_key(name: &str, partition: i32) -> String {
+    format!("\u{1}{name}/{partition}")
+}
+
 /// One change to a processor's durable state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateChange {

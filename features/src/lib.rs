@@ -55,7 +55,7 @@ use chrono::{DateTime, Utc};
 use foresight_events::{
     DependencyEdge, EntityId, ErrorClass, Event, EventData, FeatureWindow, LogEvent, MetricSample,
     MetricStats, Origin, OutgoingMessage, Output, Processor, Rejection, Routed, StateChange,
-    StateError, Telemetry, decode_state, encode_state,
+    StateError, Telemetry, decode_state, encode_state, partition_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -255,7 +255,7 @@ struct EntityState {
 const STATE_VERSION: u8 = 1;
 
 /// A partition's event-time progress, for idle entities and eviction. Checkpointed exactly
-/// (under [`CLOCK_KEY`]): when idle entities are swept depends on it, and a restored partition
+/// (under [`CLOCK`]): when idle entities are swept depends on it, and a restored partition
 /// must sweep when the original would have.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct PartitionClock {
@@ -267,8 +267,9 @@ struct PartitionClock {
     dirty: bool,
 }
 
-/// The checkpoint key of a partition's clock: a control character, so no entity id can be it.
-const CLOCK_KEY: &str = "\u{1}clock";
+/// The name of a partition's clock among its checkpoint's entries
+/// ([`foresight_events::partition_key`]).
+const CLOCK: &str = "clock";
 
 /// The clock of `source`, advanced to `t`.
 fn clock(partitions: &mut Vec<(i32, PartitionClock)>, source: i32, t: i64) -> &mut PartitionClock {
@@ -720,7 +721,7 @@ impl Processor for WindowProcessor {
         {
             clock.dirty = false;
             changes.push(StateChange::Put {
-                key: CLOCK_KEY.to_owned(),
+                key: partition_key(CLOCK, partition),
                 value: encode_state(STATE_VERSION, &*clock),
             });
         }
@@ -732,12 +733,13 @@ impl Processor for WindowProcessor {
         partition: i32,
         entries: Vec<(String, Vec<u8>)>,
     ) -> Result<(), StateError> {
+        let clock_key = partition_key(CLOCK, partition);
         for (key, value) in entries {
             let fail = |reason: String| StateError {
                 key: key.clone(),
                 reason,
             };
-            if key == CLOCK_KEY {
+            if key == clock_key {
                 let restored: PartitionClock = decode_state(&key, STATE_VERSION, &value)?;
                 let clock = clock(&mut self.partitions, partition, restored.max_time);
                 // Exactly as checkpointed (entities restored before it may have set an earlier

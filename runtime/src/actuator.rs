@@ -215,7 +215,9 @@ pub(crate) async fn run(
             }
             message = resumer.recv(NAME, &consumer), if tracker.in_flight() < r.max_in_flight => {
                 let message = match message {
-                    Ok(m) => m,
+                    Ok(Some(m)) => m,
+                    // A rebalance to take first (at the top of the loop).
+                    Ok(None) => continue,
                     Err(e) => {
                         tracing::warn!(stage = NAME, error = %e, "Consumer error; retrying.");
                         tokio::time::sleep(Duration::from_millis(200)).await;

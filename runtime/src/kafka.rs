@@ -409,6 +409,15 @@ impl RebalanceContext {
             .collect()
     }
 
+    /// Whether a revocation of `partition` of `topic` is waiting to be taken.
+    pub(crate) fn revocation_pending(&self, topic: &str, partition: i32) -> bool {
+        self.changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|c| matches!(c, Rebalanced::Revoked(t, p) if t == topic && *p == partition))
+    }
+
     /// Assignment changes since the last call, in order.
     pub(crate) fn take_changes(&self) -> Vec<Rebalanced> {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(PoisonError::into_inner))
@@ -504,19 +513,46 @@ impl Resumer {
 
     /// Receives the next message to process, moving the consumer back when the broker served
     /// past the committed offset and skipping what comes before it.
+    ///
+    /// `None`: the group rebalanced during this receive and the message came from a partition
+    /// whose revocation the caller has not taken yet. Processed now, it would meet the state the
+    /// stage held before the rebalance (state ahead of where the new assignment reads from: its
+    /// records would look late or be folded twice), so the consumer is moved back to it instead;
+    /// the caller takes the changes ([`RebalanceContext::take_changes`]), then receives again.
     pub(crate) async fn recv<'a>(
         &mut self,
         stage: &'static str,
         consumer: &'a StreamConsumer<RebalanceContext>,
-    ) -> rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'a>> {
+    ) -> rdkafka::error::KafkaResult<Option<rdkafka::message::BorrowedMessage<'a>>> {
         use rdkafka::{Message as _, Offset, TopicPartitionList, consumer::Consumer as _};
         loop {
             let message = consumer.recv().await?;
+            let offset = message.offset();
+            if consumer
+                .context()
+                .revocation_pending(message.topic(), message.partition())
+            {
+                let (topic, partition) = (message.topic().to_owned(), message.partition());
+                drop(message);
+                tracing::debug!(stage, %topic, partition, offset, "Input from a partition whose revocation is not yet taken; moving back to it.");
+                let seek = blocking(|| {
+                    consumer.seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(offset),
+                        Duration::from_secs(10),
+                    )
+                });
+                if let Err(e) = seek {
+                    // Not assigned any more: its next owner reads it.
+                    tracing::debug!(stage, %topic, partition, error = %e, "Seek after a revocation failed.");
+                }
+                return Ok(None);
+            }
             if self.off {
-                return Ok(message);
+                return Ok(Some(message));
             }
             let key = (message.topic().to_owned(), message.partition());
-            let offset = message.offset();
             if self.seen.insert(key.clone()) {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&key.0, key.1);
@@ -534,14 +570,14 @@ impl Resumer {
                 }
             }
             if let Some(rewind) = self.resume.check(&key, offset)
-                && move_back(stage, consumer, &key, offset, rewind)
+                && move_back(stage, consumer, &mut self.resume, &key, offset, rewind)
             {
                 continue;
             }
             if self.done_before.get(&key).is_some_and(|&n| offset < n) {
                 continue;
             }
-            return Ok(message);
+            return Ok(Some(message));
         }
     }
 }
@@ -561,12 +597,14 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
 pub(crate) fn move_back(
     stage: &'static str,
     consumer: &StreamConsumer<RebalanceContext>,
+    resume: &mut Resume<(String, i32)>,
     key: &(String, i32),
     offset: i64,
     rewind: Rewind,
 ) -> bool {
     use rdkafka::{Offset, consumer::Consumer as _};
     match rewind {
+        Rewind::Skip => true,
         Rewind::Gone { expected } => {
             tracing::error!(stage, topic = %key.0, partition = key.1, expected, first = offset, "Input between where reading must resume and the first offset the broker serves is gone (deleted by retention?); reading on.");
             false
@@ -582,6 +620,7 @@ pub(crate) fn move_back(
             });
             if let Err(e) = seek {
                 tracing::warn!(stage, error = %e, "Seek failed; retrying.");
+                resume.seek_failed(key);
             }
             true
         }

@@ -32,9 +32,25 @@ struct Partition {
 /// skip the records between, and a plain seek back to the resume point would come back ahead again
 /// for ever. So each further try seeks further back, 64, 128, 256... offsets before the resume
 /// point, until a fetch starts at or before it (or the start of the partition was tried).
+///
+/// Input fetched before a seek can still arrive after it: it follows the input that caused the
+/// seek. Such input is skipped without counting as another try, so it can neither push the
+/// consumer further back for nothing nor, by exhausting the tries, be processed ahead of the
+/// input before it.
 #[derive(Debug)]
 pub(crate) struct Resume<K> {
-    at: HashMap<K, (i64, u32)>,
+    at: HashMap<K, Pending>,
+}
+
+/// A resume point not reached yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// Where reading must resume.
+    next: i64,
+    /// Seeks made so far.
+    tries: u32,
+    /// The offset of the input that caused the last seek.
+    last: Option<i64>,
 }
 
 impl<K> Default for Resume<K> {
@@ -46,6 +62,8 @@ impl<K> Default for Resume<K> {
 /// What to do with an input read ahead of where its partition must resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rewind {
+    /// Input fetched before the last seek: skip it, and wait for the seek's.
+    Skip,
     /// Move the consumer to this offset (`tries` so far, 1 for the first).
     Seek {
         /// The offset to read from.
@@ -64,13 +82,28 @@ pub(crate) enum Rewind {
 impl<K: std::hash::Hash + Eq + Clone> Resume<K> {
     /// Reading of `key` must resume at `next`.
     pub(crate) fn expect(&mut self, key: K, next: i64) {
-        self.at.insert(key, (next, 0));
+        self.at.insert(
+            key,
+            Pending {
+                next,
+                tries: 0,
+                last: None,
+            },
+        );
     }
 
     /// Whether reading of `key` has yet to reach its resume point.
     #[cfg(test)]
     fn pending(&self, key: &K) -> bool {
         self.at.contains_key(key)
+    }
+
+    /// The seek [`Self::check`] asked for failed: the next input read is taken as the answer to
+    /// none, and asks for another.
+    pub(crate) fn seek_failed(&mut self, key: &K) {
+        if let Some(p) = self.at.get_mut(key) {
+            p.last = None;
+        }
     }
 
     /// Forgets the resume points of the keys `gone` says.
@@ -81,17 +114,27 @@ impl<K: std::hash::Hash + Eq + Clone> Resume<K> {
     /// Input at `offset` of `key` was read: `None` to go on (at or before the resume point, or
     /// none is pending), else where to move the consumer.
     pub(crate) fn check(&mut self, key: &K, offset: i64) -> Option<Rewind> {
-        let &(next, tries) = self.at.get(key)?;
+        let Pending { next, tries, last } = *self.at.get(key)?;
         if offset <= next {
             self.at.remove(key);
             return None;
+        }
+        if last.is_some_and(|last| offset > last) {
+            return Some(Rewind::Skip);
         }
         let back = |t: u32| if t == 0 { 0 } else { 64_i64 << (t - 1).min(40) };
         if tries > 0 && next - back(tries - 1) <= 0 {
             self.at.remove(key);
             return Some(Rewind::Gone { expected: next });
         }
-        self.at.insert(key.clone(), (next, tries + 1));
+        self.at.insert(
+            key.clone(),
+            Pending {
+                next,
+                tries: tries + 1,
+                last: Some(offset),
+            },
+        );
         Some(Rewind::Seek {
             to: (next - back(tries)).max(0),
             tries: tries + 1,
@@ -301,6 +344,15 @@ mod tests {
         assert_eq!(
             r.check(&"p", 1500),
             Some(Rewind::Seek { to: 744, tries: 4 })
+        );
+        assert_eq!(
+            r.check(&"p", 1501),
+            Some(Rewind::Skip),
+            "fetched before the seek: skipped, not another try"
+        );
+        assert_eq!(
+            r.check(&"p", 1480),
+            Some(Rewind::Seek { to: 488, tries: 5 })
         );
         assert_eq!(
             r.check(&"p", 700),

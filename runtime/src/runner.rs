@@ -412,11 +412,12 @@ impl Checkpoints {
         self.resume_at.check(&source, offset)
     }
 
-    /// Whether the input is already in the restored state.
-    fn already_folded(&self, source: InputPartition, offset: i64) -> bool {
+    /// If the input is already in the restored state: the restored checkpoint's offset.
+    fn folded_until(&self, source: InputPartition, offset: i64) -> Option<i64> {
         self.skip_before
             .get(&source)
-            .is_some_and(|&next| offset < next)
+            .copied()
+            .filter(|&next| offset < next)
     }
 
     /// Drops what this instance knows of `partition` (revoked, or claimed by another).
@@ -857,10 +858,12 @@ where
             }
             message = resumer.recv(name, &consumer), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
-                    Ok(m) => {
+                    Ok(Some(m)) => {
                         last_input = tokio::time::Instant::now();
                         m
                     }
+                    // A rebalance to take first (at the top of the loop).
+                    Ok(None) => continue,
                     Err(KafkaError::PartitionEOF(p)) => {
                         last_input = tokio::time::Instant::now();
                         // The end of partition `p` of some input: if it is the first input's,
@@ -901,6 +904,8 @@ where
                     }
                     match c.rewind_to(partition, offset) {
                         None => {}
+                        // Fetched before the consumer was moved back: it comes again.
+                        Some(Rewind::Skip) => continue,
                         Some(Rewind::Gone { expected }) => {
                             tracing::error!(stage = name, topic = message.topic(), partition = partition.partition, expected, first = offset, "Input between the restored checkpoint and the first offset the broker serves is gone (deleted by retention?); reading on.");
                         }
@@ -922,8 +927,11 @@ where
                         continue;
                         }
                     }
-                    if c.already_folded(partition, offset) {
-                        tracker.read(partition, offset, 0);
+                    if let Some(next) = c.folded_until(partition, offset) {
+                        // Read on from the checkpoint's offset, not from this input's: a
+                        // checkpoint taken now must not say the state is older than it is (a
+                        // successor would fold this input again).
+                        tracker.read(partition, next - 1, 0);
                         continue;
                     }
                 }

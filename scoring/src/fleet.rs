@@ -338,7 +338,7 @@ struct Member {
     edges: Vec<DependencyEdge>,
 }
 
-/// Per-partition progress (checkpointed under [`PROGRESS_KEY`]).
+/// Per-partition progress (checkpointed under [`PROGRESS`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Progress {
     /// Newest score time seen on the partition.
@@ -350,8 +350,9 @@ struct Progress {
     idle: bool,
 }
 
-// A control character: no entity id can be this key (and Postgres text can hold it).
-const PROGRESS_KEY: &str = "\u{1}progress";
+/// The name of a partition's progress among its checkpoint's entries
+/// ([`foresight_events::partition_key`]).
+const PROGRESS: &str = "progress";
 
 /// The fleet stage: per-entity scores in, fleet-aware ranked scores out.
 #[derive(Debug)]
@@ -1017,7 +1018,7 @@ impl Processor for Fleet {
         }
         if let Some(p) = self.progress.get(&partition) {
             changes.push(StateChange::Put {
-                key: PROGRESS_KEY.into(),
+                key: foresight_events::partition_key(PROGRESS, partition),
                 value: serde_json::to_vec(p).expect("state serialises"),
             });
         }
@@ -1029,12 +1030,13 @@ impl Processor for Fleet {
         partition: i32,
         entries: Vec<(String, Vec<u8>)>,
     ) -> Result<(), StateError> {
+        let progress_key = foresight_events::partition_key(PROGRESS, partition);
         for (key, value) in entries {
             let bad = |e: serde_json::Error| StateError {
                 key: key.clone(),
                 reason: e.to_string(),
             };
-            if key == PROGRESS_KEY {
+            if key == progress_key {
                 let p: Progress = serde_json::from_slice(&value).map_err(bad)?;
                 if let Some(c) = p.closed_until {
                     self.closed_until = Some(self.closed_until.map_or(c, |x| x.max(c)));

@@ -17,7 +17,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use foresight::{Config, kafka::Topics, pipeline::Outputs};
 use foresight_events::{
-    ActuationOutcome, DeadLetter, Decision, Event, EventData, EventId, FeatureWindow, RiskScore,
+    ActuationOutcome, DeadLetter, Decision, ErrorClass, Event, EventData, EventId, FeatureWindow,
+    RiskScore,
 };
 use serde::Serialize;
 use tokio::{
@@ -121,6 +122,19 @@ pub struct Tally {
     pub redelivered: usize,
     /// Measurements of the scenario (kills, outage, catch-up time, memory...).
     pub measured: BTreeMap<String, f64>,
+    /// Input records the broker holds twice (same partition and content): not Foresight's
+    /// doing, reported.
+    pub input_copies: usize,
+    /// Of those, copies read after their window had closed and so dead-lettered as late (the
+    /// first copy counted): explained, reported.
+    pub late_copies: usize,
+    /// Input records the broker serves after a later sample of the same series (same
+    /// partition): not Foresight's doing, reported.
+    pub input_inverted: usize,
+    /// The first dead letters of records that are not poison (late or duplicate input: no
+    /// scenario produces any), with where they came from, to trace them in the stages' logs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unexpected_dead_letters: Vec<String>,
     /// The first windows expected but never published, with where their input is, to trace
     /// them in the stages' logs.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -510,6 +524,50 @@ pub async fn check(
         Duration::from_secs(3),
         Duration::from_secs(60),
     )?;
+    // Input records the broker holds twice (a producer's retry it stored again): a copy read
+    // after its window closed is rightly dead-lettered as late, with nothing lost (the first
+    // copy was counted), and is counted apart, not as unexplained.
+    let input = read_all_at(
+        brokers,
+        &topics.metrics,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )?;
+    let mut first_seen: BTreeMap<(i32, &[u8]), i64> = BTreeMap::new();
+    let mut copies: BTreeSet<(i32, i64)> = BTreeSet::new();
+    for m in &input {
+        let first = *first_seen
+            .entry((m.partition, m.payload.as_slice()))
+            .or_insert(m.offset);
+        if first < m.offset {
+            copies.insert((m.partition, m.offset));
+        }
+    }
+    t.input_copies = copies.len();
+    // Input the broker serves out of the order it was produced in: a sample of a series after a
+    // later one of the same series on its partition (the producer sends each series in time order).
+    let mut newest: BTreeMap<(i32, String, String), String> = BTreeMap::new();
+    let mut inverted: BTreeSet<(i32, i64)> = BTreeSet::new();
+    for m in &input {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        let (series, time) = (
+            (m.partition, field("entity"), field("metric")),
+            field("time"),
+        );
+        match newest.get(&series) {
+            Some(before) if *before > time => {
+                inverted.insert((m.partition, m.offset));
+            }
+            _ => {
+                newest.insert(series, time);
+            }
+        }
+    }
+    t.input_inverted = inverted.len();
+    let mut late_copies = BTreeSet::new();
     let mut sources = Vec::new();
     for m in &dead {
         let dl = DeadLetter::from_headers(
@@ -528,8 +586,27 @@ pub async fn check(
                 dl.error_class.as_str()
             ))
             .or_default() += 1.0;
+        if dl.error_class == ErrorClass::Late
+            && dl.source_topic == topics.metrics
+            && copies.contains(&(dl.partition, dl.offset))
+        {
+            late_copies.insert((dl.partition, dl.offset));
+            continue;
+        }
+        if dl.error_class == ErrorClass::Late && t.unexpected_dead_letters.len() < LOST_LISTED {
+            t.unexpected_dead_letters.push(format!(
+                "{} {} {}[{}]@{}: {}",
+                dl.stage,
+                dl.error_class.as_str(),
+                dl.source_topic,
+                dl.partition,
+                dl.offset,
+                dl.reason
+            ));
+        }
         sources.push(((dl.source_topic, dl.partition, dl.offset), ()));
     }
+    t.late_copies = late_copies.len();
     let distinct: BTreeSet<_> = sources.iter().map(|(k, _)| k.clone()).collect();
     t.redelivered = redelivered + (sources.len() - distinct.len());
     t.dead_letters = Count {

@@ -256,7 +256,8 @@ pub fn read_all_at(
 }
 
 /// The assigned partitions of `topic` not yet read to their high watermark: (partition, next
-/// offset to read, end).
+/// offset to read, end). A partition whose end the broker does not tell in time counts as not
+/// read to its end (end -1), so the caller reads on and asks again.
 fn unread(
     consumer: &BaseConsumer,
     topic: &str,
@@ -265,7 +266,21 @@ fn unread(
     let mut behind = Vec::new();
     for e in consumer.assignment()?.elements_for_topic(topic) {
         let (low, high) =
-            consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+            match consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10)) {
+                Ok(w) => w,
+                Err(err) => {
+                    eprintln!(
+                        "reading {topic}: end of partition {} unknown: {err}",
+                        e.partition()
+                    );
+                    behind.push((
+                        e.partition(),
+                        next.get(&e.partition()).copied().unwrap_or(-1),
+                        -1,
+                    ));
+                    continue;
+                }
+            };
         let at = next.get(&e.partition()).copied().unwrap_or(low).max(low);
         if at < high {
             behind.push((e.partition(), at, high));
