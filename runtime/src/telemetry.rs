@@ -219,81 +219,6 @@ fn otlp_headers(config: &ObservabilityConfig) -> HashMap<String, String> {
         .collect()
 }
 
-/// A per-layer filter asked about every event and span, never answered from the callsite cache.
-///
-/// A per-layer filter hands its verdict to its layer through state kept from the last check, and
-/// a callsite whose interest is cached as "always" is not checked: its event then meets the
-/// verdict of whatever was checked last. `log` records bridged into tracing are checked one by
-/// one (sqlx asks `log_enabled!` after every query), so under `RUST_LOG=warn,foresight=info` a
-/// rejected sqlx record made the next cached event of Foresight's vanish from the log (a stage's
-/// "Stage started."; see tokio-rs/tracing issue 2519). Callsites the filter never wants stay
-/// cached as such.
-struct Fresh<F>(F);
-
-impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for Fresh<F> {
-    fn enabled(
-        &self,
-        meta: &tracing::Metadata<'_>,
-        cx: &tracing_subscriber::layer::Context<'_, S>,
-    ) -> bool {
-        self.0.enabled(meta, cx)
-    }
-
-    fn callsite_enabled(
-        &self,
-        meta: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        let interest = self.0.callsite_enabled(meta);
-        if interest.is_never() {
-            interest
-        } else {
-            tracing::subscriber::Interest::sometimes()
-        }
-    }
-
-    fn event_enabled(
-        &self,
-        event: &tracing::Event<'_>,
-        cx: &tracing_subscriber::layer::Context<'_, S>,
-    ) -> bool {
-        self.0.event_enabled(event, cx)
-    }
-
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        self.0.max_level_hint()
-    }
-
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        cx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        self.0.on_new_span(attrs, id, cx);
-    }
-
-    fn on_record(
-        &self,
-        id: &tracing::span::Id,
-        values: &tracing::span::Record<'_>,
-        cx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        self.0.on_record(id, values, cx);
-    }
-
-    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        self.0.on_enter(id, cx);
-    }
-
-    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        self.0.on_exit(id, cx);
-    }
-
-    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        self.0.on_close(id, cx);
-    }
-}
-
 /// Sets up logs (to stderr, in `format`), trace export and metrics (Prometheus, and OTLP when
 /// configured) for this process. Call once, from within the Tokio runtime, before any stage runs.
 pub fn init(config: &ObservabilityConfig, format: LogFormat) -> Result<Telemetry, TelemetryError> {
@@ -344,7 +269,7 @@ pub fn init(config: &ObservabilityConfig, format: LogFormat) -> Result<Telemetry
             )
     });
     tracing_subscriber::registry()
-        .with(fmt.with_filter(Fresh(filter())))
+        .with(fmt.with_filter(filter()))
         .with(otel)
         .try_init()
         .map_err(|e| TelemetryError::Logging(e.to_string()))?;
