@@ -219,6 +219,81 @@ fn otlp_headers(config: &ObservabilityConfig) -> HashMap<String, String> {
         .collect()
 }
 
+/// A per-layer filter asked about every event and span, never answered from the callsite cache.
+///
+/// A per-layer filter hands its verdict to its layer through state kept from the last check, and
+/// a callsite whose interest is cached as "always" is not checked: its event then meets the
+/// verdict of whatever was checked last. `log` records bridged into tracing are checked one by
+/// one (sqlx asks `log_enabled!` after every query), so under `RUST_LOG=warn,foresight=info` a
+/// rejected sqlx record made the next cached event of Foresight's vanish from the log (a stage's
+/// "Stage started."; see tokio-rs/tracing issue 2519). Callsites the filter never wants stay
+/// cached as such.
+struct Fresh<F>(F);
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for Fresh<F> {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.enabled(meta, cx)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        let interest = self.0.callsite_enabled(meta);
+        if interest.is_never() {
+            interest
+        } else {
+            tracing::subscriber::Interest::sometimes()
+        }
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.event_enabled(event, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_new_span(attrs, id, cx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(id, values, cx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, cx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, cx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, cx);
+    }
+}
+
 /// Sets up logs (to stderr, in `format`), trace export and metrics (Prometheus, and OTLP when
 /// configured) for this process. Call once, from within the Tokio runtime, before any stage runs.
 pub fn init(config: &ObservabilityConfig, format: LogFormat) -> Result<Telemetry, TelemetryError> {
@@ -229,7 +304,10 @@ pub fn init(config: &ObservabilityConfig, format: LogFormat) -> Result<Telemetry
             )
         })
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a log written to a file or a collector stays plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -269,7 +347,7 @@ pub fn init(config: &ObservabilityConfig, format: LogFormat) -> Result<Telemetry
             )
     });
     tracing_subscriber::registry()
-        .with(fmt.with_filter(filter()))
+        .with(fmt.with_filter(Fresh(filter())))
         .with(otel)
         .try_init()
         .map_err(|e| TelemetryError::Logging(e.to_string()))?;
@@ -616,6 +694,45 @@ mod tests {
         assert_eq!(
             trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+    }
+
+    /// Counts the events that reach it.
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// One callsite, so its interest is cached after the first call.
+    fn started(i: usize) {
+        tracing::info!(target: "foresight::telemetry::test", i, "Stage started.");
+    }
+
+    #[test]
+    fn bridged_log_checks_cannot_hide_the_next_event() {
+        use tracing_subscriber::{Layer as _, layer::SubscriberExt as _};
+        // The log bridge, as `init` installs it (another test may have installed it already).
+        let _ = tracing_log::LogTracer::init();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Count(seen.clone()).with_filter(
+            Fresh(tracing_subscriber::EnvFilter::new("warn,foresight=info")),
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..3 {
+                started(i);
+                // What sqlx does after every query: a check, of a record the filter rejects,
+                // with no event after it.
+                let _ = log::log_enabled!(target: "sqlx::query", log::Level::Info);
+            }
+            started(3);
+        });
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "every event logged"
         );
     }
 
