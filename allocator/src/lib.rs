@@ -48,7 +48,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use foresight_events::{
     Action, ActionKind, Alternative, Band, Decision, DependencyEdge, DependencyGraph, EntityId,
     ErrorClass, FailureReport, GraphConfig, Inventory, InventoryUpdate, Origin, Output, Processor,
-    Rejection, RiskScore,
+    Rejection, RiskScore, StateChange, StateError, decode_json_state, encode_json_state,
+    partition_key,
 };
 use serde::{Deserialize, Serialize};
 
@@ -253,8 +254,9 @@ struct Compiled {
     condition: Condition,
 }
 
-/// What the allocator remembers of one entity.
-#[derive(Debug, Clone, Default)]
+/// What the allocator remembers of one entity (checkpointed with the scores it has in open
+/// rounds, see [`Saved`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct EntityState {
     /// Time of the newest score seen: older ones are stale.
     newest: Option<DateTime<Utc>>,
@@ -266,7 +268,31 @@ struct EntityState {
     failed: bool,
     /// Its latest score, for decisions triggered by a failure report.
     latest: Option<RiskScore>,
+    /// The input partition its scores come from: the checkpoint that holds it.
+    #[serde(skip)]
+    partition: i32,
 }
+
+/// An entity's checkpointed state: what the allocator remembers of it, and its scores waiting
+/// in open rounds (offsets move past a score once it is in a round, so a restored allocator
+/// would otherwise never see the round complete).
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    state: EntityState,
+    pending: Vec<RiskScore>,
+}
+
+/// A partition's checkpointed progress: the allocator's clocks and the actions its velocity
+/// limits count, as of its checkpoint (the same in every partition's checkpoint taken at once).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Progress {
+    decided_through: Option<DateTime<Utc>>,
+    watermark: Option<DateTime<Utc>>,
+    velocity: Velocity,
+}
+
+/// The checkpoint key of a partition's [`Progress`].
+const PROGRESS: &str = "allocator-progress";
 
 /// One scoring round waiting for its scores: the latest score per entity (a redelivered one
 /// replaces the first). Decided in priority order, so arrival order does not matter.
@@ -276,6 +302,33 @@ struct Round {
     index: HashMap<EntityId, usize>,
     /// Scores the round holds when complete (from their ranks).
     of: usize,
+}
+
+impl Round {
+    /// Adds `score` to the round, or replaces its entity's earlier one.
+    fn put(&mut self, score: RiskScore) {
+        self.of = self.of.max(score.rank.map_or(0, |r| r.of as usize));
+        match self.index.get(&score.entity) {
+            Some(&k) => self.scores[k] = score,
+            None => {
+                self.index.insert(score.entity.clone(), self.scores.len());
+                self.scores.push(score);
+            }
+        }
+    }
+
+    /// Drops the scores of `gone`.
+    fn drop_entities(&mut self, gone: &BTreeSet<EntityId>) {
+        if self.scores.iter().any(|s| gone.contains(&s.entity)) {
+            self.scores.retain(|s| !gone.contains(&s.entity));
+            self.index = self
+                .scores
+                .iter()
+                .enumerate()
+                .map(|(k, s)| (s.entity.clone(), k))
+                .collect();
+        }
+    }
 }
 
 /// The CEL environment (which does not implement `Debug`).
@@ -310,6 +363,10 @@ pub struct Allocator {
     watermark: Option<DateTime<Utc>>,
     max_open_rounds: usize,
     max_round_size: usize,
+    /// Entities whose state changed since the last checkpoint.
+    dirty: BTreeSet<EntityId>,
+    /// The clocks each partition's last checkpoint holds.
+    checkpointed: HashMap<i32, Progress>,
 }
 
 impl Allocator {
@@ -343,6 +400,8 @@ impl Allocator {
             watermark: None,
             max_open_rounds: defaults.max_open_rounds,
             max_round_size: defaults.max_round_size,
+            dirty: BTreeSet::new(),
+            checkpointed: HashMap::new(),
         })
     }
 
@@ -393,30 +452,24 @@ impl Allocator {
     fn score(&mut self, score: RiskScore, out: &mut Vec<Output<Decision>>) {
         self.watermark = Some(self.watermark.map_or(score.time, |w| w.max(score.time)));
         let late = self.decided_through.is_some_and(|d| score.time <= d);
-        let Some(rank) = score.rank.filter(|_| !late) else {
+        if score.rank.is_none() || late {
             // Unranked (no fleet stage upstream) or late for its round: a round of its own.
             return self.decide(vec![score], out);
-        };
-        let time = score.time;
-        let round = self.rounds.entry(time).or_default();
-        match round.index.get(&score.entity) {
-            Some(&k) => round.scores[k] = score,
-            None if round.scores.len() >= self.max_round_size => {
-                out.push(Output::Rejected(Rejection::new(
-                    ErrorClass::Oversize,
-                    format!(
-                        "round {time} already holds {} scores, the most allowed",
-                        self.max_round_size
-                    ),
-                )));
-                return;
-            }
-            None => {
-                round.index.insert(score.entity.clone(), round.scores.len());
-                round.scores.push(score);
-            }
         }
-        round.of = round.of.max(rank.of as usize);
+        let time = score.time;
+        self.dirty.insert(score.entity.clone());
+        let round = self.rounds.entry(time).or_default();
+        if !round.index.contains_key(&score.entity) && round.scores.len() >= self.max_round_size {
+            out.push(Output::Rejected(Rejection::new(
+                ErrorClass::Oversize,
+                format!(
+                    "round {time} already holds {} scores, the most allowed",
+                    self.max_round_size
+                ),
+            )));
+            return;
+        }
+        round.put(score);
         // Rounds are decided in time order, each once it is complete: the fleet stage emits
         // whole rounds, so a missing score is one still on its way from another partition (a
         // later round completing first says nothing about it). Only the bound on open rounds
@@ -430,6 +483,21 @@ impl Allocator {
         while self.rounds.len() > self.max_open_rounds {
             let oldest = *self.rounds.keys().next().expect("not empty");
             self.close(oldest, out);
+        }
+    }
+
+    /// Notes the input partition `entity`'s input comes from: its state goes into that
+    /// partition's checkpoint.
+    fn owned_by(&mut self, entity: &EntityId, partition: i32) {
+        match self.entities.get_mut(entity) {
+            Some(st) => st.partition = partition,
+            None => {
+                let st = EntityState {
+                    partition,
+                    ..EntityState::default()
+                };
+                self.entities.insert(entity.clone(), st);
+            }
         }
     }
 
@@ -483,6 +551,7 @@ impl Allocator {
         // Fresh scores only; their entities' risk and bands are updated before anything is
         // decided, so placements avoid every node this round found at risk.
         let mut fresh: Vec<usize> = Vec::with_capacity(scores.len());
+        self.dirty.extend(scores.iter().map(|s| s.entity.clone()));
         for (k, s) in scores.iter().enumerate() {
             let prior = self.entities.get(&s.entity).and_then(|st| st.band);
             let band = self.band(prior, s.probability);
@@ -965,6 +1034,7 @@ impl Allocator {
     }
 
     fn failure(&mut self, f: FailureReport, out: &mut Vec<Output<Decision>>) {
+        self.dirty.insert(f.entity.clone());
         let state = self.entities.entry(f.entity.clone()).or_default();
         state.failed = true;
         // Decide again on the latest score, now that the failure is confirmed; a score too old
@@ -1082,13 +1152,119 @@ impl Processor for Allocator {
     type Input = AllocatorInput;
     type Output = Decision;
 
-    fn process(&mut self, input: AllocatorInput, _origin: Origin, out: &mut Vec<Output<Decision>>) {
+    fn process(&mut self, input: AllocatorInput, origin: Origin, out: &mut Vec<Output<Decision>>) {
         match input {
-            AllocatorInput::Score(s) => self.score(s, out),
+            AllocatorInput::Score(s) => {
+                self.owned_by(&s.entity, origin.partition);
+                self.score(s, out)
+            }
             AllocatorInput::Inventory(u) => self.pool.apply(&u.change),
             AllocatorInput::Edge(e) => self.graph.observe(&e),
-            AllocatorInput::Failure(f) => self.failure(f, out),
+            AllocatorInput::Failure(f) => {
+                self.owned_by(&f.entity, origin.partition);
+                self.failure(f, out)
+            }
         }
+    }
+
+    fn forget_partition(&mut self, partition: i32) {
+        let gone: BTreeSet<EntityId> = self
+            .entities
+            .iter()
+            .filter(|(_, st)| st.partition == partition)
+            .map(|(e, _)| e.clone())
+            .collect();
+        for e in &gone {
+            self.entities.remove(e);
+            self.dirty.remove(e);
+        }
+        for round in self.rounds.values_mut() {
+            round.drop_entities(&gone);
+        }
+        self.rounds.retain(|_, r| !r.scores.is_empty());
+        self.checkpointed.remove(&partition);
+    }
+
+    /// Checkpointed: each entity's bands, cool-downs, failure and latest score, with its scores
+    /// in open rounds, and the clocks and velocity counts. A restarted allocator so decides
+    /// again exactly as before: the same decisions, with the same content, and no cool-down or
+    /// velocity limit forgotten. The pool model is not (yet): it starts again from the
+    /// inventory.
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    fn checkpoint(&mut self, partition: i32) -> Vec<StateChange> {
+        let dirty: Vec<EntityId> = self
+            .dirty
+            .iter()
+            .filter(|e| {
+                self.entities
+                    .get(*e)
+                    .is_some_and(|st| st.partition == partition)
+            })
+            .cloned()
+            .collect();
+        let mut changes = Vec::with_capacity(dirty.len() + 1);
+        for e in dirty {
+            self.dirty.remove(&e);
+            let saved = Saved {
+                state: self.entities[&e].clone(),
+                pending: self
+                    .rounds
+                    .values()
+                    .filter_map(|r| r.index.get(&e).map(|&k| r.scores[k].clone()))
+                    .collect(),
+            };
+            changes.push(StateChange::Put {
+                key: e.to_string(),
+                value: encode_json_state(&saved),
+            });
+        }
+        let progress = Progress {
+            decided_through: self.decided_through,
+            watermark: self.watermark,
+            velocity: self.velocity.clone(),
+        };
+        if self.checkpointed.get(&partition) != Some(&progress) {
+            self.checkpointed.insert(partition, progress.clone());
+            changes.push(StateChange::Put {
+                key: partition_key(PROGRESS, partition),
+                value: encode_json_state(&progress),
+            });
+        }
+        changes
+    }
+
+    fn restore(
+        &mut self,
+        partition: i32,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StateError> {
+        let progress_key = partition_key(PROGRESS, partition);
+        let later = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>| a.max(b);
+        for (key, value) in entries {
+            if key == progress_key {
+                let p: Progress = decode_json_state(&key, &value)?;
+                // Partitions restored one after another: the velocity of the newest checkpoint
+                // (those taken together are equal; never added up, which would count twice).
+                if p.watermark >= self.watermark {
+                    self.velocity = p.velocity.clone();
+                }
+                self.decided_through = later(self.decided_through, p.decided_through);
+                self.watermark = later(self.watermark, p.watermark);
+                self.checkpointed.insert(partition, p);
+                continue;
+            }
+            let entity = EntityId::new(key.clone()).map_err(|e| StateError::new(&key, e))?;
+            let Saved { mut state, pending } = decode_json_state(&key, &value)?;
+            state.partition = partition;
+            for score in pending {
+                self.rounds.entry(score.time).or_default().put(score);
+            }
+            self.entities.insert(entity, state);
+        }
+        Ok(())
     }
 
     /// Decides every round still waiting for scores.

@@ -15,7 +15,7 @@ use crate::pool::{Hold, Pool, Standby};
 
 /// Actions started recently, on event time: what the velocity limits count. Kept sorted by
 /// time, globally and per group, so that counting a window is a binary search.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Velocity {
     started: VecDeque<DateTime<Utc>>,
     by_group: BTreeMap<String, VecDeque<DateTime<Utc>>>,

@@ -430,3 +430,112 @@ fn the_randomised_hold_out_takes_no_action_and_records_its_propensity() {
         .is_empty()
     );
 }
+
+#[test]
+fn a_restored_allocator_decides_as_the_original_and_a_fresh_one_does_not() {
+    let new = || {
+        Allocator::new(
+            Policy::default(),
+            &Inventory::default(),
+            GraphConfig::default(),
+        )
+        .unwrap()
+    };
+    let ranked = |e: &str, minute: i64, p: f64| {
+        let mut s = score(e, minute, p);
+        s.rank = Some(Rank { position: 0, of: 2 });
+        s
+    };
+    let mut original = new();
+    // svc is high: migrated, its band held and its lower rules quiet for the cool-down; x waits
+    // in an open round for its peer.
+    let first = run(&mut original, AllocatorInput::Score(score("svc", 0, 0.9)));
+    assert_eq!(first[0].action.kind, ActionKind::Migrate);
+    assert!(run(&mut original, AllocatorInput::Score(ranked("x", 1, 0.5))).is_empty());
+
+    let changes = original.checkpoint(0);
+    let entries: Vec<(String, Vec<u8>)> = changes
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::Put { key, value } => Some((key, value)),
+            StateChange::Delete { .. } => None,
+        })
+        .collect();
+    assert_eq!(entries.len(), 3, "svc, x and the clocks");
+    let mut restored = new();
+    restored.restore(0, entries).unwrap();
+    let mut fresh = new();
+    assert!(original.checkpoint(0).is_empty(), "nothing changed since");
+
+    let next = [
+        ranked("y", 1, 0.5),
+        score("svc", 2, 0.6),
+        score("svc", 3, 0.72),
+    ];
+    let decide = |a: &mut Allocator| -> Vec<String> {
+        next.iter()
+            .flat_map(|s| run(a, AllocatorInput::Score(s.clone())))
+            .map(|d| serde_json::to_string(&d).unwrap())
+            .collect()
+    };
+    let (o, r, f) = (
+        decide(&mut original),
+        decide(&mut restored),
+        decide(&mut fresh),
+    );
+    assert!(!o.is_empty(), "the round of x and y is decided");
+    assert_eq!(o, r, "a restored allocator decides exactly as the original");
+    assert_ne!(
+        o, f,
+        "a fresh one forgets the open round, the band and the cool-down"
+    );
+    // Forgetting the partition drops its entities and their open rounds.
+    restored.forget_partition(0);
+    assert!(restored.entities.is_empty() && restored.rounds.is_empty());
+}
+
+#[test]
+fn velocity_limits_hold_across_a_restart() {
+    let limited = || {
+        let mut policy = Policy::default();
+        policy.limits.per_minute = 3;
+        Allocator::new(policy, &Inventory::default(), GraphConfig::default()).unwrap()
+    };
+    let mut original = limited();
+    for e in ["a", "b"] {
+        let d = run(&mut original, AllocatorInput::Score(score(e, 0, 0.9)));
+        assert_eq!(d[0].action.kind, ActionKind::Migrate);
+    }
+    // Restored from the checkpoints of two partitions taken together: counted once, not twice.
+    let entries = |a: &mut Allocator, partition: i32| -> Vec<(String, Vec<u8>)> {
+        a.checkpoint(partition)
+            .into_iter()
+            .filter_map(|c| match c {
+                StateChange::Put { key, value } => Some((key, value)),
+                StateChange::Delete { .. } => None,
+            })
+            .collect()
+    };
+    let (p0, p1) = (entries(&mut original, 0), entries(&mut original, 1));
+    let mut restored = limited();
+    restored.restore(0, p0).unwrap();
+    restored.restore(1, p1).unwrap();
+    // Two of the minute's three actions are taken (counted once, not once per partition):
+    // one more goes, the next waits, as they would have without the restart.
+    let kinds = |a: &mut Allocator, entities: &[&str]| -> Vec<ActionKind> {
+        entities
+            .iter()
+            .flat_map(|e| run(a, AllocatorInput::Score(score(e, 0, 0.9))))
+            .map(|d| d.action.kind)
+            .collect()
+    };
+    assert_eq!(
+        kinds(&mut restored, &["c", "d"]),
+        [ActionKind::Migrate, ActionKind::NoOp]
+    );
+    assert_eq!(
+        kinds(&mut limited(), &["c", "d"]),
+        [ActionKind::Migrate, ActionKind::Migrate],
+        "a fresh one forgets"
+    );
+}

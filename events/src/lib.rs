@@ -27,8 +27,8 @@ pub use inventory::{
     Environment, Inventory, InventoryChange, InventoryUpdate, Node, Resources, Spare, Workload,
 };
 pub use stage::{
-    InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError, decode_state,
-    encode_state, partition_key,
+    InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError,
+    decode_json_state, decode_state, encode_json_state, encode_state, partition_key,
 };
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,

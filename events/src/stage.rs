@@ -165,6 +165,30 @@ pub struct StateError {
     pub reason: String,
 }
 
+impl StateError {
+    /// The entry under `key` cannot be restored, for `reason`.
+    pub fn new(key: &str, reason: impl std::fmt::Display) -> Self {
+        Self {
+            key: key.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Encodes checkpointed state as JSON, for state holding events whose serde form leaves empty
+/// fields out (which postcard, see [`encode_state`], cannot read back).
+pub fn encode_json_state<T: serde::Serialize>(state: &T) -> Vec<u8> {
+    serde_json::to_vec(state).expect("checkpointed state always serialises")
+}
+
+/// Decodes what [`encode_json_state`] wrote under `key`.
+pub fn decode_json_state<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &[u8],
+) -> Result<T, StateError> {
+    serde_json::from_slice(value).map_err(|e| StateError::new(key, e))
+}
+
 /// Encodes a piece of checkpointed state: its encoding's version (one byte), then the state in
 /// postcard, compact and exact (floats bit for bit).
 pub fn encode_state<T: serde::Serialize>(version: u8, state: &T) -> Vec<u8> {
@@ -180,10 +204,7 @@ pub fn decode_state<T: serde::de::DeserializeOwned>(
     version: u8,
     value: &[u8],
 ) -> Result<T, StateError> {
-    let fail = |reason: String| StateError {
-        key: key.to_owned(),
-        reason,
-    };
+    let fail = |reason: String| StateError::new(key, reason);
     match value.split_first() {
         Some((&v, bytes)) if v == version => {
             postcard::from_bytes(bytes).map_err(|e| fail(format!("undecodable: {e}")))

@@ -74,12 +74,8 @@ pub async fn run_stages_observed(
             }
         }
     }
-    let needs_database = stages.iter().any(|s| {
-        matches!(
-            s,
-            Stage::Recorder | Stage::Features | Stage::Scoring | Stage::Fleet | Stage::Actuator
-        )
-    });
+    // Every stage keeps something in Postgres (see below).
+    let needs_database = !stages.is_empty();
     telemetry::observe(observer.clone(), stages);
     let health = std::sync::Arc::new(health::Health::new(
         stages,
@@ -104,9 +100,9 @@ pub async fn run_stages_observed(
                 config.kafka.brokers
             )
         })?;
-    // The recorder writes the audit log; the feature and fleet stages checkpoint their state
-    // (the fleet stage also follows the promoted failure model); the actuator claims decisions
-    // in its ledger.
+    // The recorder writes the audit log; the feature, scoring, fleet and allocator stages
+    // checkpoint their state (the fleet stage also follows the promoted failure model); the
+    // actuator claims decisions in its ledger.
     let pool = if needs_database {
         let pool = db::connect(&config.postgres)
             .await

@@ -330,7 +330,7 @@ pub async fn run_stage(
                 ));
             }
             let s = live("allocator", inputs, &[&t.decisions], &t, p.allocator, false);
-            runner::run(s, k, r, progress, shutdown, None).await?
+            runner::run(s, k, r, progress, shutdown, pool).await?
         }
         Stage::Actuator => {
             // Its own loop (as the recorder's): it claims each decision in Postgres before acting.

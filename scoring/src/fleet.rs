@@ -49,7 +49,7 @@ use augurs::outlier::{DbscanDetector, MADDetector, OutlierDetector};
 use chrono::{DateTime, TimeDelta, Utc};
 use foresight_events::{
     Contributor, DependencyEdge, DependencyGraph, EntityId, GraphConfig, Origin, Output, Processor,
-    Rank, RiskScore, ScoreMethod, StateChange, StateError,
+    Rank, RiskScore, ScoreMethod, StateChange, StateError, decode_json_state, encode_json_state,
 };
 use serde::{Deserialize, Serialize};
 
@@ -1007,10 +1007,9 @@ impl Processor for Fleet {
             .collect();
         for e in dirty {
             self.dirty.remove(&e);
-            let value = serde_json::to_vec(&self.members[&e]).expect("state serialises");
             changes.push(StateChange::Put {
                 key: e.to_string(),
-                value,
+                value: encode_json_state(&self.members[&e]),
             });
         }
         for e in self.removed.remove(&partition).unwrap_or_default() {
@@ -1019,7 +1018,7 @@ impl Processor for Fleet {
         if let Some(p) = self.progress.get(&partition) {
             changes.push(StateChange::Put {
                 key: foresight_events::partition_key(PROGRESS, partition),
-                value: serde_json::to_vec(p).expect("state serialises"),
+                value: encode_json_state(p),
             });
         }
         changes
@@ -1032,23 +1031,16 @@ impl Processor for Fleet {
     ) -> Result<(), StateError> {
         let progress_key = foresight_events::partition_key(PROGRESS, partition);
         for (key, value) in entries {
-            let bad = |e: serde_json::Error| StateError {
-                key: key.clone(),
-                reason: e.to_string(),
-            };
             if key == progress_key {
-                let p: Progress = serde_json::from_slice(&value).map_err(bad)?;
+                let p: Progress = decode_json_state(&key, &value)?;
                 if let Some(c) = p.closed_until {
                     self.closed_until = Some(self.closed_until.map_or(c, |x| x.max(c)));
                 }
                 self.progress.insert(partition, p);
                 continue;
             }
-            let entity = EntityId::new(key.clone()).map_err(|e| StateError {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            let mut m: Member = serde_json::from_slice(&value).map_err(bad)?;
+            let entity = EntityId::new(key.clone()).map_err(|e| StateError::new(&key, e))?;
+            let mut m: Member = decode_json_state(&key, &value)?;
             m.partition = partition;
             for s in &m.pending {
                 self.open.entry(s.time).or_default().insert(entity.clone());
