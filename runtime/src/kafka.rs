@@ -325,6 +325,9 @@ pub(crate) struct RebalanceContext {
     /// Revocations and assignments since the runner last asked, in the order they happened (a
     /// partition revoked and assigned back in one rebalance must end up assigned).
     changes: Mutex<Vec<Rebalanced>>,
+    /// Whether `changes` holds any revocation (set and cleared under its lock), so that the
+    /// check made for every message received takes no lock in the common case.
+    revocations: std::sync::atomic::AtomicBool,
     /// What health checks and metrics see of this consumer.
     state: Arc<ConsumerState>,
 }
@@ -411,6 +414,9 @@ impl RebalanceContext {
 
     /// Whether a revocation of `partition` of `topic` is waiting to be taken.
     pub(crate) fn revocation_pending(&self, topic: &str, partition: i32) -> bool {
+        if !self.revocations.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         self.changes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -420,13 +426,26 @@ impl RebalanceContext {
 
     /// Assignment changes since the last call, in order.
     pub(crate) fn take_changes(&self) -> Vec<Rebalanced> {
-        std::mem::take(&mut *self.changes.lock().unwrap_or_else(PoisonError::into_inner))
+        let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        self.revocations
+            .store(false, std::sync::atomic::Ordering::Release);
+        std::mem::take(&mut *changes)
     }
 }
 
 impl ClientContext for RebalanceContext {
     fn stats(&self, statistics: Statistics) {
         self.state.statistics(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // With `enable.partition.eof` the end of a partition comes this way too: news the
+        // runner acts on (a partition caught up), not an error.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::trace!(reason, "Kafka: end of a partition.");
+        } else {
+            tracing::error!(error = %error, reason, "Kafka client error.");
+        }
     }
 }
 
@@ -441,14 +460,14 @@ impl ConsumerContext for RebalanceContext {
                     .collect();
                 tracing::info!(?partitions, "Partitions revoked.");
                 self.state.revoke(&partitions);
-                self.changes
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend(
-                        partitions
-                            .into_iter()
-                            .map(|(t, p)| Rebalanced::Revoked(t, p)),
-                    );
+                let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+                changes.extend(
+                    partitions
+                        .into_iter()
+                        .map(|(t, p)| Rebalanced::Revoked(t, p)),
+                );
+                self.revocations
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<(String, i32)> = tpl
@@ -570,7 +589,16 @@ impl Resumer {
                 }
             }
             if let Some(rewind) = self.resume.check(&key, offset)
-                && move_back(stage, consumer, &mut self.resume, &key, offset, rewind)
+                && move_back(
+                    stage,
+                    consumer,
+                    &mut self.resume,
+                    &key,
+                    &key.0,
+                    key.1,
+                    offset,
+                    rewind,
+                )
             {
                 continue;
             }
@@ -591,14 +619,17 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Acts on a [`Rewind`] for input `offset` of `key` (topic, partition), read ahead of where
+/// Acts on a [`Rewind`] for input `offset` of `key` (`topic`, `partition`), read ahead of where
 /// reading must resume: moves the consumer back (true: the caller reads on from there) or, when
 /// the input between is gone, says so (false: the caller processes this input).
-pub(crate) fn move_back(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn move_back<K: std::hash::Hash + Eq + Clone>(
     stage: &'static str,
     consumer: &StreamConsumer<RebalanceContext>,
-    resume: &mut Resume<(String, i32)>,
-    key: &(String, i32),
+    resume: &mut Resume<K>,
+    key: &K,
+    topic: &str,
+    partition: i32,
     offset: i64,
     rewind: Rewind,
 ) -> bool {
@@ -606,17 +637,44 @@ pub(crate) fn move_back(
     match rewind {
         Rewind::Skip => true,
         Rewind::Gone { expected } => {
-            tracing::error!(stage, topic = %key.0, partition = key.1, expected, first = offset, "Input between where reading must resume and the first offset the broker serves is gone (deleted by retention?); reading on.");
+            tracing::error!(
+                stage,
+                topic,
+                partition,
+                expected,
+                first = offset,
+                "Input between where reading must resume and the first offset the broker serves is gone (deleted by retention?); reading on."
+            );
             false
         }
         Rewind::Seek { to, tries } => {
             if tries == 1 {
-                tracing::info!(stage, topic = %key.0, partition = key.1, from = offset, to, "Consumer ahead of where it must resume; moving it back.");
+                tracing::info!(
+                    stage,
+                    topic,
+                    partition,
+                    from = offset,
+                    to,
+                    "Consumer ahead of where it must resume; moving it back."
+                );
             } else {
-                tracing::warn!(stage, topic = %key.0, partition = key.1, from = offset, to, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already done is skipped.");
+                tracing::warn!(
+                    stage,
+                    topic,
+                    partition,
+                    from = offset,
+                    to,
+                    tries,
+                    "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input already done is skipped."
+                );
             }
             let seek = blocking(|| {
-                consumer.seek(&key.0, key.1, Offset::Offset(to), Duration::from_secs(10))
+                consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(to),
+                    Duration::from_secs(10),
+                )
             });
             if let Err(e) = seek {
                 tracing::warn!(stage, error = %e, "Seek failed; retrying.");

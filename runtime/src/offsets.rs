@@ -186,6 +186,18 @@ impl OffsetTracker {
         }
     }
 
+    /// Whether input `offset` of `partition` comes before where reading is: read (or skipped as
+    /// folded) already since the partition was assigned. A consumer reads a partition in offset
+    /// order and every move back is followed by a revocation or a resume point (which set the
+    /// position again), so such input is served a second time; processed again it would be
+    /// folded twice, or dead-lettered as late where its window has closed since.
+    pub(crate) fn already_read(&self, partition: InputPartition, offset: i64) -> Option<i64> {
+        self.partitions
+            .get(&partition)
+            .and_then(|p| p.next)
+            .filter(|&next| offset < next)
+    }
+
     /// One past the highest offset read of each input partition numbered `number`.
     pub(crate) fn positions(&self, number: i32) -> Vec<(InputPartition, i64)> {
         let mut out: Vec<_> = self
@@ -270,6 +282,21 @@ mod tests {
         assert!(t.done_until(P(1), 7));
         assert!(t.done_until(q, 41));
         assert!(!t.done_until(P(4), 0), "never read");
+    }
+
+    #[test]
+    fn input_served_again_is_known_as_read() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.already_read(P(0), 0), None, "nothing read yet");
+        t.read(P(0), 10, 1);
+        t.read(P(0), 11, 0);
+        assert_eq!(t.already_read(P(0), 10), Some(12));
+        assert_eq!(t.already_read(P(0), 3), Some(12));
+        assert_eq!(t.already_read(P(0), 12), None, "the next input");
+        assert_eq!(t.already_read(P(0), 20), None, "past a gap");
+        assert_eq!(t.already_read(P(1), 3), None, "another partition");
+        t.revoke(P(0));
+        assert_eq!(t.already_read(P(0), 10), None, "assigned again: read anew");
     }
 
     #[test]

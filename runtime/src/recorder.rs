@@ -316,7 +316,16 @@ pub(crate) async fn run(
             // Read from the recorded offset if the consumer came back past it: the input between
             // was never recorded.
             if let Some(rewind) = resume.check(&key, message.offset())
-                && kafka::move_back(NAME, &consumer, &mut resume, &key, message.offset(), rewind)
+                && kafka::move_back(
+                    NAME,
+                    &consumer,
+                    &mut resume,
+                    &key,
+                    &key.0,
+                    key.1,
+                    message.offset(),
+                    rewind,
+                )
             {
                 continue;
             }

@@ -171,6 +171,8 @@ pub struct Progress {
     pub dead_letters: AtomicU64,
     /// Times the watchdog found the consumer stalled and replaced it.
     pub stalls: AtomicU64,
+    /// Inputs served again behind where reading was, and skipped (already processed).
+    pub redelivered: AtomicU64,
     /// Fault injection for tests: when set, the stage pauses every partition it owns (once), as
     /// a wedged fetcher would, so the watchdog's detection and recovery can be exercised.
     pub inject_stall: AtomicBool,
@@ -630,6 +632,8 @@ where
     // whether it found the consumer stalled.
     let mut last_input = tokio::time::Instant::now();
     let mut stalled = false;
+    // Partitions whose input is being served again (warned once per run of it).
+    let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
     let mut dropped: Vec<(String, i32)> = Vec::new();
     loop {
@@ -902,30 +906,16 @@ where
                         failure = Some(e);
                         break;
                     }
-                    match c.rewind_to(partition, offset) {
-                        None => {}
-                        // Fetched before the consumer was moved back: it comes again.
-                        Some(Rewind::Skip) => continue,
-                        Some(Rewind::Gone { expected }) => {
-                            tracing::error!(stage = name, topic = message.topic(), partition = partition.partition, expected, first = offset, "Input between the restored checkpoint and the first offset the broker serves is gone (deleted by retention?); reading on.");
-                        }
-                        Some(Rewind::Seek { to: next, tries }) => {
-                        // Read from the checkpoint's offset instead; this input comes again.
-                        if tries == 1 {
-                            tracing::info!(stage = name, topic = message.topic(), partition = partition.partition, from = offset, to = next, "Consumer ahead of the restored checkpoint; moving it back.");
-                        } else {
-                            tracing::warn!(stage = name, topic = message.topic(), partition = partition.partition, from = offset, to = next, tries, "The broker served a fetch from past the offset asked for (from the next record batch?); moving the consumer further back, input before the checkpoint is skipped.");
-                        }
-                        let topic = message.topic().to_owned();
-                        if let Err(e) = tokio::task::block_in_place(|| consumer.seek(&topic, partition.partition, Offset::Offset(next), Duration::from_secs(10))) {
-                            failure = Some(StageError::Kafka { stage: name, source: e });
-                            break;
-                        }
-                        if input == 0 {
-                            next_read.insert(partition.partition, next);
+                    if let Some(rewind) = c.rewind_to(partition, offset)
+                        && kafka::move_back(name, &consumer, &mut c.resume_at, &partition, message.topic(), partition.partition, offset, rewind)
+                    {
+                        // Fetched before the consumer was moved back, or moved back to the
+                        // checkpoint's offset (from further back if the broker served past it):
+                        // this input comes again.
+                        if let (0, Rewind::Seek { to, .. }) = (input, rewind) {
+                            next_read.insert(partition.partition, to);
                         }
                         continue;
-                        }
                     }
                     if let Some(next) = c.folded_until(partition, offset) {
                         // Read on from the checkpoint's offset, not from this input's: a
@@ -935,6 +925,17 @@ where
                         continue;
                     }
                 }
+                // Input before the partition's position was read already (the broker or the
+                // client served it again): skipped, so it is neither folded twice nor, its
+                // windows closed since, dead-lettered as late.
+                if let Some(expected) = tracker.already_read(partition, offset) {
+                    if served_again.insert(partition) {
+                        tracing::warn!(stage = name, topic = message.topic(), partition = partition.partition, offset, expected, "Input served again, behind where reading is; skipped (already processed).");
+                    }
+                    progress.redelivered.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                served_again.remove(&partition);
                 // One span per input processed, in the input's trace.
                 let parent = telemetry::extract(message.headers());
                 let span = telemetry::input_span(name, message.topic(), partition.partition, offset, &parent);
