@@ -113,7 +113,13 @@ case "${1:-}" in
     reset)
         broker_down
         rm -f "$DATA"/tansu.db "$DATA"/tansu.db-shm "$DATA"/tansu.db-wal
-        if port_open "$BROKER"; then say "a broker this script did not start is on $BROKER: using it as it is"; fi
+        # A reset promises a fresh, empty broker: one started from another data dir (or by
+        # hand) would be used with all it holds and however long it has run, so refuse it.
+        if port_open "$BROKER"; then
+            say "a broker not started from $DATA is listening on $BROKER: stop it first"
+            say "(deploy/dev/stack.sh down, with the FORESIGHT_DATA it was started with) or set FORESIGHT_BROKER"
+            exit 1
+        fi
         broker_up; postgres_up ;;
     down) broker_down ;;
     status) status ;;

@@ -7,6 +7,14 @@ cd "$(dirname "$0")/../.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/foresight-target}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# A failing test's error says what failed; a backtrace of where the error was made (several
+# dozen frames of the test harness) would push that out of a log cut to its head and tail.
+# Panics keep theirs under RUST_BACKTRACE.
+export RUST_LIB_BACKTRACE=${RUST_LIB_BACKTRACE:-0}
+# The tests' broker: a fresh one, on its own data dir, reset before each end-to-end test binary
+# (FORESIGHT_TEST_BROKERS moves it off 9092, e.g. while a development stack runs there).
+export FORESIGHT_TEST_BROKERS=${FORESIGHT_TEST_BROKERS:-127.0.0.1:9092}
+export FORESIGHT_BROKER=$FORESIGHT_TEST_BROKERS
 started=$(date +%s)
 step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 

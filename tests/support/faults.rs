@@ -156,26 +156,59 @@ pub struct LostWindow {
 
 /// Most lost windows a tally lists.
 const LOST_LISTED: usize = 10;
+/// Decisions printed that differ from the replay's, of each kind.
+const DECISIONS_LISTED: usize = 3;
 
 impl Tally {
     /// Whether nothing was lost, duplicated or unexplained.
     pub fn clean(&self) -> bool {
-        self.samples_lost == 0
-            && self.samples_doubled == 0
-            && [
-                &self.windows,
-                &self.scores,
-                &self.decisions,
-                &self.outcomes,
-                &self.audit_decisions,
-                &self.audit_scores,
-                &self.actuations,
-                &self.dead_letters,
-            ]
-            .iter()
-            .all(|c| c.clean())
-            && self.decisions_unrecorded == 0
-            && self.audit_rows_doubled == 0
+        self.faults().is_empty()
+    }
+
+    /// What was lost, duplicated or unexplained, one line per kind of record.
+    pub fn faults(&self) -> Vec<String> {
+        let mut faults = Vec::new();
+        for (what, n) in [
+            ("samples lost", self.samples_lost),
+            ("samples doubled", self.samples_doubled),
+            (
+                "decisions without an audit row",
+                self.decisions_unrecorded as u64,
+            ),
+            (
+                "audit rows stored twice",
+                self.audit_rows_doubled.max(0) as u64,
+            ),
+        ] {
+            if n > 0 {
+                faults.push(format!("{what}: {n}"));
+            }
+        }
+        for (what, c) in [
+            ("windows", &self.windows),
+            ("scores", &self.scores),
+            ("decisions", &self.decisions),
+            ("outcomes", &self.outcomes),
+            ("audit rows of decisions", &self.audit_decisions),
+            ("audit rows of scores", &self.audit_scores),
+            ("actuations", &self.actuations),
+            ("dead letters", &self.dead_letters),
+        ] {
+            if !c.clean() {
+                faults.push(format!(
+                    "{what}: {} lost, {} duplicated, {} unexplained of {} expected{}",
+                    c.lost,
+                    c.duplicated,
+                    c.unexplained,
+                    c.expected,
+                    c.conflict
+                        .as_deref()
+                        .map(|d| format!(" (first with two contents: {d})"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        faults
     }
 
     /// Prints the tally, writes it to `$FORESIGHT_RELIABILITY_DIR/<scenario>.json` (default
@@ -189,10 +222,12 @@ impl Tally {
             .unwrap_or_else(|| std::env::temp_dir().join("foresight-reliability"));
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join(format!("{}.json", self.scenario)), &json)?;
-        if !self.clean() {
+        let faults = self.faults();
+        if !faults.is_empty() {
             bail!(
-                "{}: records lost, duplicated or unexplained:\n{json}",
-                self.scenario
+                "{}: records lost, duplicated or unexplained:\n- {}\n{json}",
+                self.scenario,
+                faults.join("\n- ")
             );
         }
         Ok(())
@@ -382,22 +417,27 @@ pub async fn check(
 
     let decisions: Vec<Decision> = decode(brokers, &topics.decisions)?;
     let published: BTreeSet<EventId> = decisions.iter().map(EventData::id).collect();
-    // What differs, to say why.
-    for d in decisions
+    // What differs from the replay, to say why: the first few of each, so that a log cut short
+    // keeps the tally (a live run may differ here without any fault, see `decisions_vs_replay`).
+    let unexpected: Vec<&Decision> = decisions
         .iter()
         .filter(|d| !reference.decisions.contains_key(&d.id()))
-    {
-        eprintln!(
-            "{scenario}: unexpected decision {}",
-            serde_json::to_string(d)?
-        );
-    }
-    for d in reference
+        .collect();
+    let missing: Vec<&Decision> = reference
         .decisions
         .values()
         .filter(|d| !published.contains(&d.id()))
-    {
-        eprintln!("{scenario}: missing decision {}", serde_json::to_string(d)?);
+        .collect();
+    for (what, list) in [("unexpected", &unexpected), ("missing", &missing)] {
+        for d in list.iter().take(DECISIONS_LISTED) {
+            eprintln!("{scenario}: {what} decision {}", serde_json::to_string(d)?);
+        }
+        if list.len() > DECISIONS_LISTED {
+            eprintln!(
+                "{scenario}: ... {} more {what} decisions",
+                list.len() - DECISIONS_LISTED
+            );
+        }
     }
     let want_decisions: BTreeMap<EventId, String> = reference
         .decisions
