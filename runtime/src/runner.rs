@@ -632,6 +632,12 @@ where
     // whether it found the consumer stalled.
     let mut last_input = tokio::time::Instant::now();
     let mut stalled = false;
+    // When an output was last acknowledged, and whether outputs waiting longer than the
+    // watchdog's limit have been reported (a producer that stopped delivering holds offsets
+    // back while reading goes on, or stops it at `runner.max_in_flight`: the watchdog, which
+    // looks at reading, would not see it).
+    let mut last_ack = tokio::time::Instant::now();
+    let mut unacked_reported = false;
     // Partitions whose input is being served again (warned once per run of it).
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
@@ -805,7 +811,13 @@ where
             Some(change) = recv_control(&mut stage.control) => change(&mut stage.processor),
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 match result {
-                    Ok(()) => tracker.ack(partition, offset),
+                    Ok(()) => {
+                        tracker.ack(partition, offset);
+                        last_ack = tokio::time::Instant::now();
+                        if std::mem::take(&mut unacked_reported) {
+                            tracing::info!(stage = name, "Outputs acknowledged again.");
+                        }
+                    }
                     Err(source) => {
                         failure = Some(StageError::Delivery {
                             stage: name,
@@ -844,6 +856,18 @@ where
                     if let Err(e) = consumer.pause(&owned) {
                         tracing::warn!(stage = name, error = %e, "Could not pause.");
                     }
+                }
+                if tracker.in_flight() == 0 {
+                    // Nothing waiting: the clock starts with the next output.
+                    last_ack = tokio::time::Instant::now();
+                }
+                if !runner.stall_timeout.is_zero()
+                    && !unacked_reported
+                    && tracker.in_flight() > 0
+                    && last_ack.elapsed() >= runner.stall_timeout
+                {
+                    tracing::warn!(stage = name, in_flight = tracker.in_flight(), unacknowledged_for = ?last_ack.elapsed(), "No output acknowledged by the broker for longer than the stall timeout; offsets wait for them.");
+                    unacked_reported = true;
                 }
                 if !runner.stall_timeout.is_zero()
                     && last_input.elapsed() >= runner.stall_timeout
