@@ -735,10 +735,7 @@ impl Processor for WindowProcessor {
     ) -> Result<(), StateError> {
         let clock_key = partition_key(CLOCK, partition);
         for (key, value) in entries {
-            let fail = |reason: String| StateError {
-                key: key.clone(),
-                reason,
-            };
+            let fail = |reason: String| StateError::new(&key, reason);
             if key == clock_key {
                 let restored: PartitionClock = decode_state(&key, STATE_VERSION, &value)?;
                 let clock = clock(&mut self.partitions, partition, restored.max_time);

@@ -1036,10 +1036,7 @@ impl Processor for Scorer {
         entries: Vec<(String, Vec<u8>)>,
     ) -> Result<(), StateError> {
         for (key, value) in entries {
-            let fail = |reason: String| StateError {
-                key: key.clone(),
-                reason,
-            };
+            let fail = |reason: String| StateError::new(&key, reason);
             let (entity, metric) = key
                 .split_once(SERIES_KEY_SEPARATOR)
                 .ok_or_else(|| fail("not an entity and a metric".into()))?;
