@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use chrono::{Duration as Delta, DurationRound as _, Utc};
-use foresight::{Config, Stage, kafka::Topics, pipeline::Observer};
+use foresight::{Config, Stage, kafka::Topics, pipeline::Observer, runner::Fault};
 use foresight_actuators::config::{
     ActionConfig, ActuatorConfig, CommandConfig, GroupLimits, Mode, VerificationConfig,
 };
@@ -273,6 +273,7 @@ impl World {
                 }
                 eprintln!("{}: {}", self.name, self.behind());
                 eprintln!("{}", self.warnings());
+                eprintln!("{}", self.metrics().await);
                 let (d, s, o) = self.counts().await?;
                 Err(e.context(format!(
                     "{}: {d} decisions ({} in the replay), {s} of {} scores, {o} decisions with an outcome recorded",
@@ -335,6 +336,54 @@ impl World {
                 lines.len().min(LAST)
             ));
             for line in &lines[lines.len().saturating_sub(LAST)..] {
+                out.push_str(&format!("  {line}\n"));
+            }
+        }
+        out
+    }
+
+    /// Each running process's own view (its `/metrics`): partitions owned, lag, outputs in
+    /// flight and stalls per stage, to tell a consumer that lost its partitions from one that
+    /// reads nothing and from outputs that are never acknowledged.
+    async fn metrics(&self) -> String {
+        const SHOWN: [&str; 4] = [
+            "foresight_partitions_assigned",
+            "foresight_consumer_lag",
+            "foresight_outputs_in_flight",
+            "foresight_stalls_total",
+        ];
+        let client = reqwest::Client::new();
+        let mut out = String::new();
+        for path in self.logs() {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            // The last server this log names (a restarted process appends to its log).
+            let Some(address) = text
+                .lines()
+                .rev()
+                .find(|l| l.contains("Serving /healthz"))
+                .and_then(|l| l.split("address=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+            else {
+                continue;
+            };
+            let got = client
+                .get(format!("http://{address}/metrics"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            let body = match got {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => {
+                    out.push_str(&format!("{}: {name}: /metrics: {e}\n", self.name));
+                    continue;
+                }
+            };
+            out.push_str(&format!("{}: {name}: /metrics:\n", self.name));
+            for line in body
+                .lines()
+                .filter(|l| SHOWN.iter().any(|m| l.starts_with(m)))
+            {
                 out.push_str(&format!("  {line}\n"));
             }
         }
@@ -758,7 +807,44 @@ async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
 /// watchdog within `runner.stall_timeout` and replaced; every record is then processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_consumer_is_detected_and_recovered() -> anyhow::Result<()> {
-    let mut world = World::new("stall", 10, 300, None).await?;
+    stalled("stall", Stall::Reading).await
+}
+
+/// 5b. A producer whose outputs stop being acknowledged while the broker answers (here the
+/// stage ignores its acknowledgements, as if they never came) holds every offset back and, at
+/// `runner.max_in_flight`, reading too: the watchdog finds it within `runner.stall_timeout`,
+/// the producer and the consumer are replaced, the unacknowledged inputs are read again, and
+/// nothing is lost or made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_never_acknowledged_is_detected_and_replaced() -> anyhow::Result<()> {
+    stalled("unacked", Stall::Delivery).await
+}
+
+/// 5c. A consumer that leaves its group (as one that lost its membership while the broker was
+/// away and never rejoined would) owns nothing while its group's offsets stay behind: the
+/// watchdog finds it over two checks (`runner.stall_timeout` each) and rejoins with a new
+/// consumer; nothing is lost or made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_out_of_its_group_is_detected_and_rejoins() -> anyhow::Result<()> {
+    stalled("left-group", Stall::Membership).await
+}
+
+/// What scenario 5 stalls.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// The consumer: it reads nothing.
+    Reading,
+    /// The producer: its outputs are never acknowledged.
+    Delivery,
+    /// The group membership: the consumer leaves the group and owns nothing.
+    Membership,
+}
+
+/// Scenario 5: the feature stage stalled by `kind` after the first half of the input; the
+/// watchdog must find it and replace what stalled, and then everything is processed: nothing
+/// lost, nothing made twice.
+async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
+    let mut world = World::new(name, 10, 300, None).await?;
     world.config.runner.stall_timeout = Duration::from_secs(3);
     let observer = std::sync::Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
@@ -771,37 +857,73 @@ async fn a_stalled_consumer_is_detected_and_recovered() -> anyhow::Result<()> {
         async move { foresight::run_stages_observed(&Stage::ALL, &config, observer, shutdown).await }
     });
     let progress = observer.stage(Stage::Features);
+    let group = format!("{}features", world.config.kafka.group_prefix);
+    let features_committed = || {
+        committed(
+            &world.config.kafka.brokers,
+            &group,
+            &[world.topics.metrics.as_str()],
+            world.config.kafka.partitions,
+        )
+    };
     use std::sync::atomic::Ordering::Relaxed;
     let result = async {
         eventually("the first half read", Duration::from_secs(60), || async {
             Ok((progress.messages.load(Relaxed) >= half as u64).then_some(()))
         })
         .await?;
-        progress.inject_stall.store(true, Relaxed);
-        // Let the stall take hold, then give the stalled consumer input it does not read.
+        progress.inject(match kind {
+            Stall::Reading => Fault::PauseConsumer,
+            Stall::Delivery => Fault::IgnoreAcknowledgements,
+            Stall::Membership => Fault::LeaveGroup,
+        });
+        // Let the stall take hold (offsets stored before it committed), then give the
+        // stalled stage input.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let read_before = progress.messages.load(Relaxed);
         world.produce(&producer, half..world.records.len()).await?;
         let stalled_at = Instant::now();
+        let committed_before = features_committed()?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let read_while_stalled = progress.messages.load(Relaxed) - read_before;
+        let committed_while_stalled = features_committed()?;
         let detected = eventually("the watchdog", Duration::from_secs(30), || async {
             Ok((progress.stalls.load(Relaxed) >= 1).then(|| stalled_at.elapsed()))
         })
         .await?;
         let recovered = world.caught_up(Duration::from_secs(120)).await?;
-        anyhow::Ok((read_while_stalled, detected, recovered))
+        anyhow::Ok((
+            read_while_stalled,
+            (committed_before, committed_while_stalled),
+            detected,
+            recovered,
+        ))
     }
     .await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .context("stages did not stop")???;
-    let (read_while_stalled, detected, recovered) = result?;
-    assert_eq!(
-        read_while_stalled, 0,
-        "the injected stall did not stop the consumer"
-    );
+    let (read_while_stalled, (committed_before, committed_while_stalled), detected, recovered) =
+        result?;
+    match kind {
+        Stall::Reading | Stall::Membership => assert_eq!(
+            read_while_stalled, 0,
+            "the injected stall did not stop the consumer"
+        ),
+        // Reading goes on (up to `runner.max_in_flight`), but no offset moves past outputs
+        // the broker has not acknowledged.
+        Stall::Delivery => {
+            assert!(
+                read_while_stalled > 0,
+                "the stage stopped reading although it had room in flight"
+            );
+            assert_eq!(
+                committed_before, committed_while_stalled,
+                "offsets committed past unacknowledged outputs"
+            );
+        }
+    }
     let mut tally = world.check().await?;
     tally.measured.insert(
         "stall_timeout_s".into(),

@@ -375,6 +375,19 @@ async fn a_live_run_is_ready_observable_traced_and_logs_no_secret() -> anyhow::R
         assert!(
             sample(
                 &metrics,
+                "foresight_outputs_in_flight",
+                &["stage=\"features\""]
+            )
+            .is_some()
+        );
+        assert_eq!(
+            sample(&metrics, "foresight_stalls_total", &["stage=\"scoring\""]),
+            Some(0.0),
+            "{metrics}"
+        );
+        assert!(
+            sample(
+                &metrics,
                 "foresight_model_refits_total",
                 &["stage=\"scoring\""]
             )

@@ -27,6 +27,7 @@ pub mod tables;
 pub mod tail;
 pub mod telemetry;
 pub mod train;
+mod watchdog;
 
 use anyhow::Context as _;
 use tokio::task::JoinSet;

@@ -19,7 +19,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -45,6 +45,7 @@ use crate::{
     kafka::{self, ConsumerState, RebalanceContext, Rebalanced},
     offsets::{OffsetTracker, Resume, Rewind},
     telemetry,
+    watchdog::{Stall, Watchdog},
 };
 
 /// One message as a decoder sees it.
@@ -169,13 +170,15 @@ pub struct Progress {
     pub events: AtomicU64,
     /// Dead letters produced.
     pub dead_letters: AtomicU64,
-    /// Times the watchdog found the consumer stalled and replaced it.
+    /// Times the watchdog found the consumer or the producer stalled and replaced it.
     pub stalls: AtomicU64,
+    /// Outputs waiting for the broker's acknowledgement (as of the last periodic store).
+    pub in_flight: AtomicU64,
     /// Inputs served again behind where reading was, and skipped (already processed).
     pub redelivered: AtomicU64,
-    /// Fault injection for tests: when set, the stage pauses every partition it owns (once), as
-    /// a wedged fetcher would, so the watchdog's detection and recovery can be exercised.
-    pub inject_stall: AtomicBool,
+    /// Fault injection for tests: the stage takes it at its next periodic store (once), so the
+    /// watchdog's detection and recovery can be exercised.
+    injected: Mutex<Option<Fault>>,
     /// Forecast model fits so far (the scoring stage's).
     pub refits: AtomicU64,
     /// When the stage last read an input (Unix milliseconds; 0: not yet), for stall detection.
@@ -188,7 +191,25 @@ pub struct Progress {
     by_outcome: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
+/// A fault a test can inject into a running stage ([`Progress::inject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Pause every partition the consumer owns, as a wedged fetcher would.
+    PauseConsumer,
+    /// Ignore every acknowledgement of an output until the producer is replaced, as if a
+    /// producer had stopped delivering.
+    IgnoreAcknowledgements,
+    /// Leave the group (unsubscribe), as a consumer that lost its membership and never
+    /// rejoined would.
+    LeaveGroup,
+}
+
 impl Progress {
+    /// Injects `fault` into the running stage (tests).
+    pub fn inject(&self, fault: Fault) {
+        *self.injected.lock().unwrap_or_else(PoisonError::into_inner) = Some(fault);
+    }
+
     /// Dead letters so far, by error class.
     pub fn dead_letters_by_class(&self) -> BTreeMap<&'static str, u64> {
         self.by_class
@@ -595,7 +616,7 @@ where
     let mut consumer =
         kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()).map_err(err)?;
     let latency = telemetry::Latency::new(name);
-    let producer = kafka::producer(kafka_config).map_err(err)?;
+    let mut producer = kafka::producer(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
     consumer.subscribe(&topics).map_err(err)?;
     let mut resumer = kafka::Resumer::new(stage.processor.stateful());
@@ -628,32 +649,29 @@ where
     // First-input partitions found caught up, and since when (told once it lasts the grace).
     let mut caught_up_at: std::collections::BTreeMap<i32, tokio::time::Instant> =
         Default::default();
-    // The watchdog: when input was last read (or the watchdog last found nothing waiting), and
-    // whether it found the consumer stalled.
-    let mut last_input = tokio::time::Instant::now();
-    let mut stalled = false;
-    // When an output was last acknowledged, and whether outputs waiting longer than the
-    // watchdog's limit have been reported (a producer that stopped delivering holds offsets
-    // back while reading goes on, or stops it at `runner.max_in_flight`: the watchdog, which
-    // looks at reading, would not see it).
-    let mut last_ack = tokio::time::Instant::now();
-    let mut unacked_reported = false;
+    // The watchdog, and the stall it found (handled at the top of the loop).
+    let mut watchdog = Watchdog::new(name, input_topics.clone(), runner.stall_timeout);
+    let mut stalled: Option<Stall> = None;
+    // An injected fault (tests): acknowledgements ignored until the producer is replaced.
+    let mut ignoring_acks = false;
     // Partitions whose input is being served again (warned once per run of it).
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
     let mut dropped: Vec<(String, i32)> = Vec::new();
     loop {
-        if std::mem::take(&mut stalled) {
-            // Let what is in flight land (bounded), store its offsets and commit them, so the
-            // new consumer resumes right after the work done.
-            let _ = tokio::time::timeout(runner.drain_timeout, async {
-                while let Some((partition, offset, result)) = deliveries.next().await {
-                    if result.is_ok() {
-                        tracker.ack(partition, offset);
+        if let Some(stall) = stalled.take() {
+            if !stall.producer() {
+                // Let what is in flight land (bounded), store its offsets and commit them, so
+                // the new consumer resumes right after the work done.
+                let _ = tokio::time::timeout(runner.drain_timeout, async {
+                    while let Some((partition, offset, result)) = deliveries.next().await {
+                        if result.is_ok() {
+                            tracker.ack(partition, offset);
+                        }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
+            }
             let storable = match &mut checkpoints {
                 None => tracker.storable(),
                 Some(c) => c
@@ -677,6 +695,31 @@ where
                         .collect()
                 })
                 .unwrap_or_default();
+            if stall.producer() {
+                // Its outputs are abandoned (the old producer purges them) and every partition
+                // with outputs in flight is forgotten, so none of their offsets is stored: the
+                // new consumer reads those inputs again and their outputs come again, same ids.
+                let fresh = match kafka::producer(kafka_config) {
+                    Ok(p) => p,
+                    Err(source) => {
+                        failure = Some(StageError::Kafka {
+                            stage: name,
+                            source,
+                        });
+                        break;
+                    }
+                };
+                deliveries = FuturesUnordered::new();
+                tokio::task::block_in_place(|| drop(std::mem::replace(&mut producer, fresh)));
+                ignoring_acks = false;
+                dropped.extend(
+                    tracker
+                        .partitions()
+                        .map(|s| (input_topics[usize::from(s.input)].clone(), s.partition)),
+                );
+                dropped.sort();
+                dropped.dedup();
+            }
             let fresh =
                 match kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()) {
                     Ok(c) => c,
@@ -699,8 +742,8 @@ where
                 });
                 break;
             }
-            tracing::info!(stage = name, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
-            last_input = tokio::time::Instant::now();
+            tracing::info!(stage = name, partitions = ?dropped, producer_replaced = stall.producer(), "Stalled client replaced; rejoining the group.");
+            watchdog.replaced();
         }
         // A replaced consumer's partitions first, then the rebalances in the order they came.
         let changes = std::mem::take(&mut dropped)
@@ -811,12 +854,10 @@ where
             Some(change) = recv_control(&mut stage.control) => change(&mut stage.processor),
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 match result {
+                    Ok(()) if ignoring_acks => {}
                     Ok(()) => {
                         tracker.ack(partition, offset);
-                        last_ack = tokio::time::Instant::now();
-                        if std::mem::take(&mut unacked_reported) {
-                            tracing::info!(stage = name, "Outputs acknowledged again.");
-                        }
+                        watchdog.acknowledged();
                     }
                     Err(source) => {
                         failure = Some(StageError::Delivery {
@@ -849,51 +890,35 @@ where
                     }
                 };
                 store(&consumer, &stage.inputs, storable);
-                if progress.inject_stall.swap(false, Ordering::Relaxed)
-                    && let Ok(owned) = consumer.assignment()
-                {
-                    tracing::warn!(stage = name, partitions = owned.count(), "Fault injected: every partition paused.");
-                    if let Err(e) = consumer.pause(&owned) {
-                        tracing::warn!(stage = name, error = %e, "Could not pause.");
-                    }
-                }
-                if tracker.in_flight() == 0 {
-                    // Nothing waiting: the clock starts with the next output.
-                    last_ack = tokio::time::Instant::now();
-                }
-                if !runner.stall_timeout.is_zero()
-                    && !unacked_reported
-                    && tracker.in_flight() > 0
-                    && last_ack.elapsed() >= runner.stall_timeout
-                {
-                    tracing::warn!(stage = name, in_flight = tracker.in_flight(), unacknowledged_for = ?last_ack.elapsed(), "No output acknowledged by the broker for longer than the stall timeout; offsets wait for them.");
-                    unacked_reported = true;
-                }
-                if !runner.stall_timeout.is_zero()
-                    && last_input.elapsed() >= runner.stall_timeout
-                    && tracker.in_flight() < runner.max_in_flight
-                {
-                    // Nothing read for a while, with room to read: is input waiting?
-                    match tokio::task::block_in_place(|| unread(&consumer)) {
-                        Some(unread) if unread > 0 => {
-                            tracing::warn!(stage = name, unread, idle = ?last_input.elapsed(), "Consumer stalled: input is waiting but none was read; replacing it.");
-                            progress.stalls.fetch_add(1, Ordering::Relaxed);
-                            stalled = true;
+                let fault = progress.injected.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(fault) = fault {
+                    tracing::warn!(stage = name, ?fault, "Fault injected.");
+                    match fault {
+                        Fault::PauseConsumer => {
+                            if let Err(e) = consumer.assignment().and_then(|owned| consumer.pause(&owned)) {
+                                tracing::warn!(stage = name, error = %e, "Could not pause.");
+                            }
                         }
-                        _ => last_input = tokio::time::Instant::now(),
+                        Fault::IgnoreAcknowledgements => ignoring_acks = true,
+                        Fault::LeaveGroup => consumer.unsubscribe(),
                     }
+                }
+                progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
+                if let Some(stall) = watchdog.check(&consumer, &producer, tracker.in_flight(), runner.max_in_flight) {
+                    progress.stalls.fetch_add(1, Ordering::Relaxed);
+                    stalled = Some(stall);
                 }
             }
             message = resumer.recv(name, &consumer), if tracker.in_flight() < runner.max_in_flight => {
                 let message = match message {
                     Ok(Some(m)) => {
-                        last_input = tokio::time::Instant::now();
+                        watchdog.read();
                         m
                     }
                     // A rebalance to take first (at the top of the loop).
                     Ok(None) => continue,
                     Err(KafkaError::PartitionEOF(p)) => {
-                        last_input = tokio::time::Instant::now();
+                        watchdog.read();
                         // The end of partition `p` of some input: if it is the first input's,
                         // the processor need not wait for that partition any more, once it has
                         // stayed caught up for `runner.idle_grace` (checked at the top of the
@@ -1103,37 +1128,6 @@ async fn restore_retrying<P: Processor>(
             other => return other,
         }
     }
-}
-
-/// Input waiting in a consumer's partitions: each one's high watermark minus its position
-/// (before its first fetch: its committed offset, else the low watermark), summed. `None` when
-/// the broker cannot say (it is away: then nothing is stalled on our side).
-fn unread(consumer: &StreamConsumer<RebalanceContext>) -> Option<i64> {
-    let timeout = Duration::from_secs(2);
-    let positions = consumer.position().ok()?;
-    let mut committed = None;
-    let mut unread = 0;
-    for e in positions.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), timeout)
-            .ok()?;
-        let from = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => {
-                let c = committed.get_or_insert_with(|| consumer.committed(timeout).ok());
-                match c
-                    .as_ref()
-                    .and_then(|c| c.find_partition(e.topic(), e.partition()))
-                    .map(|p| p.offset())
-                {
-                    Some(Offset::Offset(o)) => o,
-                    _ => low,
-                }
-            }
-        };
-        unread += (high - from).max(0);
-    }
-    Some(unread)
 }
 
 /// How a stage ends, once its offsets are stored: a last synchronous commit, the producer

@@ -55,6 +55,12 @@ pub mod names {
     /// Histogram (seconds), by `stage`: from an output's event time to when it was produced. For
     /// the allocator, the latency from the telemetry window's end to the decision.
     pub const PROCESSING_LATENCY: &str = "foresight_processing_latency";
+    /// Gauge, by `stage`: outputs waiting for the broker's acknowledgement (their inputs'
+    /// offsets wait for them).
+    pub const OUTPUTS_IN_FLIGHT: &str = "foresight_outputs_in_flight";
+    /// Counter, by `stage`: stalls the watchdog found (a consumer reading nothing while input
+    /// waits, or outputs unacknowledged while the broker answers) and recovered from.
+    pub const STALLS: &str = "foresight_stalls";
     /// Counter, by `stage`: forecast model fits (scheduled refits and refits on drift).
     pub const MODEL_REFITS: &str = "foresight_model_refits";
     /// Counter, by `actuator` and `outcome`: actuations and how they ended.
@@ -416,6 +422,20 @@ pub fn observe(observer: Arc<Observer>, stages: &[Stage]) {
         "Events produced.",
         "{event}",
         |p| p.events.load(Relaxed)
+    );
+    let _ = per_stage!(
+        i64_observable_gauge,
+        names::OUTPUTS_IN_FLIGHT,
+        "Outputs waiting for the broker's acknowledgement.",
+        "{event}",
+        |p| p.in_flight.load(Relaxed) as i64
+    );
+    let _ = per_stage!(
+        u64_observable_counter,
+        names::STALLS,
+        "Stalls found and recovered from by the watchdog.",
+        "{stall}",
+        |p| p.stalls.load(Relaxed)
     );
     if stages.contains(&Stage::Scoring) {
         // Only the scoring stage fits forecast models.
