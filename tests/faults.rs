@@ -246,6 +246,10 @@ impl World {
     async fn caught_up(&self, limit: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let waited = eventually("the audit log to hold everything", limit, || async {
+            // A stage that failed stops its process: no use waiting for it.
+            if let Some(failed) = self.failed_stage() {
+                anyhow::bail!("a stage failed: {failed}");
+            }
             let counts = self.counts().await?;
             if !self.complete(counts) {
                 return Ok(None);
@@ -318,6 +322,21 @@ impl World {
         out
     }
 
+    /// The first "Stage failed." line of the processes' logs, with the error that follows it.
+    fn failed_stage(&self) -> Option<String> {
+        self.logs().into_iter().find_map(|path| {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let at = text.find("Stage failed.")?;
+            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            let line: String = text[start..]
+                .lines()
+                .take(6)
+                .collect::<Vec<_>>()
+                .join("\n  ");
+            Some(format!("{}: {line}", path.display()))
+        })
+    }
+
     /// The last warnings and errors of each process's log.
     fn warnings(&self) -> String {
         const LAST: usize = 12;
@@ -375,7 +394,12 @@ impl World {
             let body = match got {
                 Ok(r) => r.text().await.unwrap_or_default(),
                 Err(e) => {
-                    out.push_str(&format!("{}: {name}: /metrics: {e}\n", self.name));
+                    // The process does not answer at all: where are its threads?
+                    out.push_str(&format!(
+                        "{}: {name}: /metrics: {e}\n{}",
+                        self.name,
+                        self.stacks()
+                    ));
                     continue;
                 }
             };
@@ -385,6 +409,46 @@ impl World {
                 .filter(|l| SHOWN.iter().any(|m| l.starts_with(m)))
             {
                 out.push_str(&format!("  {line}\n"));
+            }
+        }
+        out
+    }
+
+    /// The threads' stacks of this world's `foresight` processes (by gdb, where installed),
+    /// written next to their logs; their frames of Foresight and librdkafka are returned.
+    fn stacks(&self) -> String {
+        let config = self.config_file.display().to_string();
+        let pids = std::process::Command::new("pgrep")
+            .args(["-f", &config])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut out = String::new();
+        for pid in pids.split_whitespace() {
+            let dump = std::process::Command::new("gdb")
+                .args(["-p", pid, "-batch", "-ex", "thread apply all bt"])
+                .output();
+            let Ok(dump) = dump else {
+                out.push_str("  (no gdb here to show the stacks)\n");
+                break;
+            };
+            let text = String::from_utf8_lossy(&dump.stdout).into_owned();
+            let file = self.dir.path().join(format!("stacks-{pid}.txt"));
+            let _ = std::fs::write(&file, &text);
+            out.push_str(&format!("  stacks of {pid} (all in {}):\n", file.display()));
+            for line in text.lines().filter(|l| {
+                l.starts_with("Thread ")
+                    || [
+                        "foresight",
+                        "rd_kafka",
+                        "tokio::runtime",
+                        "parking_lot",
+                        "Mutex",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+            }) {
+                out.push_str(&format!("    {line}\n"));
             }
         }
         out
@@ -838,9 +902,29 @@ enum Stall {
     Delivery,
     /// The group membership: the consumer leaves the group and owns nothing.
     Membership,
+    /// Every stage's consumer (the recorder's and the actuator's loops included).
+    EveryStage,
+    /// An output refused by the broker.
+    Refused,
 }
 
-/// Scenario 5: the feature stage stalled by `kind` after the first half of the input; the
+/// 5d. Every stage's consumer paused at once (the recorder's and the actuator's loops have
+/// the watchdog too): each stage finds its own stall once input comes its way, and the
+/// pipeline catches up with nothing lost or made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stage_detects_its_stalled_consumer() -> anyhow::Result<()> {
+    stalled("stall-all", Stall::EveryStage).await
+}
+
+/// 5e. The broker refuses an output (as tansu did for the first produce requests after it
+/// restarted, with an unknown broker error): the stage does not stop, but replaces its producer
+/// and consumer and reads the input from its stored offsets again; nothing lost or made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_refused_by_the_broker_is_produced_again() -> anyhow::Result<()> {
+    stalled("refused", Stall::Refused).await
+}
+
+/// Scenario 5: the feature stage (or every stage) stalled by `kind` after the first half of the input; the
 /// watchdog must find it and replace what stalled, and then everything is processed: nothing
 /// lost, nothing made twice.
 async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
@@ -872,11 +956,17 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
             Ok((progress.messages.load(Relaxed) >= half as u64).then_some(()))
         })
         .await?;
-        progress.inject(match kind {
-            Stall::Reading => Fault::PauseConsumer,
-            Stall::Delivery => Fault::IgnoreAcknowledgements,
-            Stall::Membership => Fault::LeaveGroup,
-        });
+        match kind {
+            Stall::Reading => progress.inject(Fault::PauseConsumer),
+            Stall::Delivery => progress.inject(Fault::IgnoreAcknowledgements),
+            Stall::Membership => progress.inject(Fault::LeaveGroup),
+            Stall::Refused => progress.inject(Fault::RefuseDelivery),
+            Stall::EveryStage => {
+                for stage in Stage::ALL {
+                    observer.stage(stage).inject(Fault::PauseConsumer);
+                }
+            }
+        }
         // Let the stall take hold (offsets stored before it committed), then give the
         // stalled stage input.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -906,11 +996,20 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
         .context("stages did not stop")???;
     let (read_while_stalled, (committed_before, committed_while_stalled), detected, recovered) =
         result?;
+    if let Stall::EveryStage = kind {
+        // Each stage's watchdog found its own consumer stalled once input came its way.
+        for stage in Stage::ALL {
+            let stalls = observer.stage(stage).stalls.load(Relaxed);
+            assert!(stalls >= 1, "{} found no stall", stage.name());
+        }
+    }
     match kind {
-        Stall::Reading | Stall::Membership => assert_eq!(
+        Stall::Reading | Stall::Membership | Stall::EveryStage => assert_eq!(
             read_while_stalled, 0,
             "the injected stall did not stop the consumer"
         ),
+        // Recovered at once: reading went on.
+        Stall::Refused => {}
         // Reading goes on (up to `runner.max_in_flight`), but no offset moves past outputs
         // the broker has not acknowledged.
         Stall::Delivery => {

@@ -12,7 +12,7 @@
 //! The kill switch row is polled every `actuators.kill_switch_poll` (at most 1 s) by a side task
 //! that interrupts actions in flight; every claim also reads it in its own transaction.
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use anyhow::Context as _;
 use foresight_actuators::{Engine, KillSignal, Ledger};
@@ -22,9 +22,9 @@ use foresight_events::{
 use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
-    consumer::Consumer,
+    consumer::{CommitMode, Consumer},
     error::KafkaError,
-    message::{Header, OwnedHeaders},
+    message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
 use sqlx::PgPool;
@@ -35,6 +35,7 @@ use crate::{
     kafka::{self, Topics},
     offsets::OffsetTracker,
     runner::{Progress, StageReport},
+    watchdog::Watchdog,
 };
 
 /// The actuator stage's name.
@@ -46,8 +47,16 @@ const DECISIONS: u16 = 0;
 const SCORES: u16 = 1;
 
 /// Outcomes not tied to an input (claims of crashed instances resolved by a scan) carry none.
+/// A refused message comes back with its error, to be sent again.
 type Delivery = std::pin::Pin<
-    Box<dyn Future<Output = (Option<(InputPartition, i64)>, Result<(), KafkaError>)> + Send>,
+    Box<
+        dyn Future<
+                Output = (
+                    Option<(InputPartition, i64)>,
+                    Result<(), (KafkaError, Option<OwnedMessage>)>,
+                ),
+            > + Send,
+    >,
 >;
 
 /// Follows the kill switch row, so that actions in flight are interrupted within
@@ -89,8 +98,8 @@ fn delivery(
     Box::pin(async move {
         let result = match d.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::Canceled),
+            Ok(Err((e, message))) => Err((e, Some(message))),
+            Err(_) => Err((KafkaError::Canceled, None)),
         };
         (input, result)
     })
@@ -161,9 +170,20 @@ pub(crate) async fn run(
     );
     let mut engine = Engine::new(a.clone(), pool, stop).context("building the actuators")?;
     let group = format!("{}{}", k.group_prefix, NAME);
-    let consumer = kafka::consumer(k, &group, progress.consumer.clone())?;
+    let mut consumer = kafka::consumer(k, &group, progress.consumer.clone())?;
     let producer = kafka::producer(k)?;
     let inputs = [topics.decisions.as_str(), topics.scores.as_str()];
+    // The watchdog replaces a stalled consumer; the producer it only reports (the outcomes of
+    // a scan are not made again from re-read input).
+    let mut watchdog = Watchdog::new(
+        NAME,
+        inputs.iter().map(|t| (*t).to_owned()).collect(),
+        r.stall_timeout,
+    )
+    .keeping_producer();
+    let mut stalled = false;
+    // Outcomes refused by the broker since one was last delivered.
+    let mut undelivered = 0;
     consumer.subscribe(&inputs)?;
     let mut resumer = kafka::Resumer::new(false);
     tracing::info!(stage = NAME, %group, "Stage started.");
@@ -179,7 +199,22 @@ pub(crate) async fn run(
     let mut failure: Option<anyhow::Error> = None;
 
     'main: loop {
-        for (topic, partition) in consumer.context().take_revoked() {
+        let mut dropped = Vec::new();
+        if std::mem::take(&mut stalled) {
+            // Store and commit what is done, then a new consumer rejoins the group from there.
+            store(&consumer, &inputs, tracker.storable());
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
+            }
+            dropped = kafka::owned(&consumer);
+            let fresh = kafka::consumer(k, &group, progress.consumer.clone())?;
+            tokio::task::block_in_place(|| drop(std::mem::replace(&mut consumer, fresh)));
+            consumer.subscribe(&inputs)?;
+            resumer = kafka::Resumer::new(false);
+            tracing::info!(stage = NAME, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
+            watchdog.replaced();
+        }
+        for (topic, partition) in dropped.into_iter().chain(consumer.context().take_revoked()) {
             resumer.forget(&topic, partition);
             if let Some(input) = inputs.iter().position(|t| *t == topic) {
                 tracker.revoke(InputPartition {
@@ -195,11 +230,45 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => break,
             Some((input, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 match result {
-                    Ok(()) => if let Some((p, o)) = input { tracker.ack(p, o) },
-                    Err(e) => { failure = Some(anyhow::Error::new(e).context("delivering an outcome")); break; }
+                    Ok(()) => {
+                        watchdog.acknowledged();
+                        undelivered = 0;
+                        if let Some((p, o)) = input { tracker.ack(p, o) }
+                    }
+                    // The broker refused an outcome (seen: an unknown broker error for the
+                    // first batches after the broker restarted): sent again, as it was, after a
+                    // pause; an error that keeps coming back with nothing delivered in between
+                    // stops the stage. (Outcomes of a scan are made once, so they are sent
+                    // again rather than made again from re-read input.)
+                    Err((e, Some(message))) if undelivered < crate::runner::MAX_UNDELIVERED => {
+                        undelivered += 1;
+                        tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again.");
+                        tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                        let mut record = FutureRecord::to(message.topic())
+                            .payload(message.payload().unwrap_or_default());
+                        if let Some(key) = message.key() {
+                            record = record.key(key);
+                        }
+                        if let Some(headers) = message.headers() {
+                            record = record.headers(headers.clone());
+                        }
+                        let d = crate::runner::enqueue(&producer, record).await?;
+                        deliveries.push(delivery(d, input));
+                    }
+                    Err((e, _)) => { failure = Some(anyhow::Error::new(e).context("delivering an outcome")); break; }
                 }
             }
-            _ = tick.tick() => store(&consumer, &inputs, tracker.storable()),
+            _ = tick.tick() => {
+                store(&consumer, &inputs, tracker.storable());
+                if let Some(fault) = progress.take_fault(NAME, &consumer) {
+                    tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
+                }
+                progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
+                if watchdog.check(&consumer, &producer, tracker.in_flight(), r.max_in_flight).is_some() {
+                    progress.stalls.fetch_add(1, Ordering::Relaxed);
+                    stalled = true;
+                }
+            }
             _ = scan.tick() => {
                 let Some(scanned) = retrying!(shutdown, engine.scan()) else { break };
                 match scanned {
@@ -215,7 +284,10 @@ pub(crate) async fn run(
             }
             message = resumer.recv(NAME, &consumer), if tracker.in_flight() < r.max_in_flight => {
                 let message = match message {
-                    Ok(Some(m)) => m,
+                    Ok(Some(m)) => {
+                        watchdog.read();
+                        m
+                    }
                     // A rebalance to take first (at the top of the loop).
                     Ok(None) => continue,
                     Err(e) => {

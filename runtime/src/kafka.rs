@@ -10,7 +10,7 @@ use rdkafka::{
     ClientConfig, ClientContext,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
     producer::{BaseProducer, FutureProducer, Producer as _, ProducerContext},
     statistics::Statistics,
@@ -296,6 +296,19 @@ pub(crate) fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaErro
     c.create()
 }
 
+/// The (topic, partition)s a consumer owns now (none if it cannot say).
+pub(crate) fn owned<C: ConsumerContext>(consumer: &impl Consumer<C>) -> Vec<(String, i32)> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Creates the pipeline's topics that do not exist yet.
 pub async fn create_topics(config: &KafkaConfig, topics: &Topics) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base(config)?.create()?;
@@ -543,7 +556,7 @@ impl Resumer {
         stage: &'static str,
         consumer: &'a StreamConsumer<RebalanceContext>,
     ) -> rdkafka::error::KafkaResult<Option<rdkafka::message::BorrowedMessage<'a>>> {
-        use rdkafka::{Message as _, Offset, TopicPartitionList, consumer::Consumer as _};
+        use rdkafka::{Message as _, Offset, TopicPartitionList};
         loop {
             let message = consumer.recv().await?;
             let offset = message.offset();
@@ -633,7 +646,7 @@ pub(crate) fn move_back<K: std::hash::Hash + Eq + Clone>(
     offset: i64,
     rewind: Rewind,
 ) -> bool {
-    use rdkafka::{Offset, consumer::Consumer as _};
+    use rdkafka::Offset;
     match rewind {
         Rewind::Skip => true,
         Rewind::Gone { expected } => {

@@ -30,6 +30,7 @@ use crate::{
     kafka::{self, Topics},
     offsets::Resume,
     runner::{Progress, StageError, StageReport},
+    watchdog::Watchdog,
 };
 
 /// The recorder's stage name.
@@ -256,7 +257,8 @@ pub(crate) async fn run(
         source,
     };
     let group = format!("{}{}", kafka_config.group_prefix, NAME);
-    let consumer = kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
+    let mut consumer =
+        kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
     let producer = kafka::producer(kafka_config).map_err(err)?;
     let inputs = [
         &topics.decisions,
@@ -288,11 +290,48 @@ pub(crate) async fn run(
         resume.expect(key.clone(), next);
     }
     let mut report = StageReport::default();
+    // The watchdog replaces a stalled consumer (at the end of the batch being collected).
+    let mut watchdog = Watchdog::new(
+        NAME,
+        inputs.iter().map(|t| (*t).clone()).collect(),
+        runner.stall_timeout,
+    );
+    let mut watch = tokio::time::interval(runner.commit_interval);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalled = false;
     'outer: loop {
+        if std::mem::take(&mut stalled) {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
+            }
+            let dropped = kafka::owned(&consumer);
+            let fresh =
+                kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
+            tokio::task::block_in_place(|| drop(std::mem::replace(&mut consumer, fresh)));
+            consumer
+                .subscribe(&inputs.map(String::as_str))
+                .map_err(err)?;
+            // The new consumer resumes where the audit log says, as at the start.
+            match recorded_offsets(&pool, &group).await {
+                Ok(r) => recorded = r,
+                Err(e) => {
+                    tracing::warn!(stage = NAME, error = %e, "Recorded offsets not read again; resuming from those known.");
+                }
+            }
+            resume = Resume::default();
+            for (key, &next) in &recorded {
+                resume.expect(key.clone(), next);
+            }
+            tracing::info!(stage = NAME, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
+            watchdog.replaced();
+        }
         // Collect one batch.
         let mut rows: Vec<(Row, Position)> = Vec::new();
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
         let mut dead = Vec::new();
+        // The watchdog's clock counts only time spent waiting for input (not a Postgres outage
+        // waited out in the last batch's write).
+        watchdog.read();
         let deadline = tokio::time::sleep(runner.recorder_linger);
         tokio::pin!(deadline);
         let mut stopping = false;
@@ -301,6 +340,18 @@ pub(crate) async fn run(
                 biased;
                 () = shutdown.cancelled() => { stopping = true; break; }
                 () = &mut deadline, if !next.is_empty() => break,
+                _ = watch.tick() => {
+                    if let Some(fault) = progress.take_fault(NAME, &consumer) {
+                        tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
+                    }
+                    progress.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
+                    if watchdog.check(&consumer, &producer, 0, 1).is_some() {
+                        progress.stalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        stalled = true;
+                        break;
+                    }
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             let message = match message {
@@ -312,6 +363,7 @@ pub(crate) async fn run(
                 }
             };
             report.message(progress);
+            watchdog.read();
             let key = (message.topic().to_owned(), message.partition());
             // Read from the recorded offset if the consumer came back past it: the input between
             // was never recorded.
@@ -379,20 +431,31 @@ pub(crate) async fn run(
                     value: Some(v.as_bytes()),
                 })
             });
-            let mut record = FutureRecord::to(&topics.dead_letters)
-                .payload(dl.payload.as_slice())
-                .headers(headers);
-            if let Some(key) = dl.key.as_deref() {
-                record = record.key(key);
-            }
-            if let Err((source, _)) = producer.send(record, Duration::from_secs(30)).await {
-                return Err(StageError::Delivery {
-                    stage: NAME,
-                    topic: dl.source_topic.clone(),
-                    partition: dl.partition,
-                    offset: dl.offset,
-                    source,
-                });
+            let record = || {
+                let record = FutureRecord::to(&topics.dead_letters)
+                    .payload(dl.payload.as_slice())
+                    .headers(headers.clone());
+                match dl.key.as_deref() {
+                    Some(key) => record.key(key),
+                    None => record,
+                }
+            };
+            // Refused by the broker (seen once after it restarted): sent again after a pause;
+            // an error that keeps coming back stops the stage (the offset is not stored).
+            let mut attempt = 0;
+            while let Err((source, _)) = producer.send(record(), Duration::from_secs(30)).await {
+                attempt += 1;
+                if attempt >= crate::runner::MAX_UNDELIVERED {
+                    return Err(StageError::Delivery {
+                        stage: NAME,
+                        topic: dl.source_topic.clone(),
+                        partition: dl.partition,
+                        offset: dl.offset,
+                        source,
+                    });
+                }
+                tracing::warn!(stage = NAME, error = %source, attempt, "Dead letter not delivered; sending it again.");
+                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
             }
             report.dead_letter(progress, dl.error_class);
         }

@@ -48,6 +48,10 @@ use crate::{
     watchdog::{Stall, Watchdog},
 };
 
+/// How many times in a row (with no output delivered in between) a stage replaces its producer
+/// and reads its input again after the broker refused an output, before it stops.
+pub(crate) const MAX_UNDELIVERED: u32 = 5;
+
 /// One message as a decoder sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Incoming<'a> {
@@ -202,12 +206,46 @@ pub enum Fault {
     /// Leave the group (unsubscribe), as a consumer that lost its membership and never
     /// rejoined would.
     LeaveGroup,
+    /// Take the next output's acknowledgement for a refusal by the broker (an unknown broker
+    /// error, as tansu answered the first produce requests after it restarted).
+    RefuseDelivery,
 }
 
 impl Progress {
     /// Injects `fault` into the running stage (tests).
     pub fn inject(&self, fault: Fault) {
         *self.injected.lock().unwrap_or_else(PoisonError::into_inner) = Some(fault);
+    }
+
+    /// Takes the fault injected, if any: a consumer's is applied to `consumer` here, the
+    /// others are returned for the stage to apply.
+    pub(crate) fn take_fault(
+        &self,
+        stage: &str,
+        consumer: &StreamConsumer<RebalanceContext>,
+    ) -> Option<Fault> {
+        let fault = self
+            .injected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        tracing::warn!(stage, ?fault, "Fault injected.");
+        match fault {
+            Fault::PauseConsumer => {
+                if let Err(e) = consumer
+                    .assignment()
+                    .and_then(|owned| consumer.pause(&owned))
+                {
+                    tracing::warn!(stage, error = %e, "Could not pause.");
+                }
+                None
+            }
+            Fault::LeaveGroup => {
+                consumer.unsubscribe();
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// Dead letters so far, by error class.
@@ -310,9 +348,9 @@ fn dead_letter_headers(dl: &DeadLetter, original: &BorrowedMessage<'_>) -> Owned
 }
 
 /// Enqueues a record, waiting while the producer's local queue is full.
-pub(crate) async fn enqueue(
+pub(crate) async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
     producer: &FutureProducer,
-    mut record: FutureRecord<'_, str, [u8]>,
+    mut record: FutureRecord<'_, K, [u8]>,
 ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
     loop {
         match producer.send_result(record) {
@@ -654,6 +692,10 @@ where
     let mut stalled: Option<Stall> = None;
     // An injected fault (tests): acknowledgements ignored until the producer is replaced.
     let mut ignoring_acks = false;
+    // Outputs refused by the broker since one was last delivered.
+    let mut undelivered = 0;
+    // An injected fault (tests): the next acknowledgement taken for a refusal.
+    let mut refusing = false;
     // Partitions whose input is being served again (warned once per run of it).
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
@@ -686,15 +728,7 @@ where
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(stage = name, error = %e, "Commit before replacing the consumer failed.");
             }
-            dropped = consumer
-                .assignment()
-                .map(|tpl| {
-                    tpl.elements()
-                        .iter()
-                        .map(|e| (e.topic().to_owned(), e.partition()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            dropped = kafka::owned(&consumer);
             if stall.producer() {
                 // Its outputs are abandoned (the old producer purges them) and every partition
                 // with outputs in flight is forgotten, so none of their offsets is stored: the
@@ -853,11 +887,30 @@ where
             () = shutdown.cancelled() => break,
             Some(change) = recv_control(&mut stage.control) => change(&mut stage.processor),
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
+                let result = match result {
+                    Ok(()) if std::mem::take(&mut refusing) => {
+                        Err(KafkaError::MessageProduction(RDKafkaErrorCode::Unknown))
+                    }
+                    other => other,
+                };
                 match result {
                     Ok(()) if ignoring_acks => {}
                     Ok(()) => {
                         tracker.ack(partition, offset);
                         watchdog.acknowledged();
+                        undelivered = 0;
+                    }
+                    // The broker refused an output (seen: an unknown broker error for a
+                    // producer's first batches after the broker restarted). Its input's offset
+                    // was not stored, so the stage recovers as from a delivery stall: a new
+                    // producer and consumer, and the input from the stored offsets read again.
+                    // An error that keeps coming back without any output delivered in between
+                    // stops the stage.
+                    Err(source) if undelivered < MAX_UNDELIVERED => {
+                        undelivered += 1;
+                        tracing::warn!(stage = name, error = %source, topic = %stage.inputs[usize::from(partition.input)].topic, partition = partition.partition, offset, attempt = undelivered, "Output not delivered; replacing the producer and the consumer, the input is read again.");
+                        progress.stalls.fetch_add(1, Ordering::Relaxed);
+                        stalled = Some(Stall::Delivery { in_flight: tracker.in_flight() });
                     }
                     Err(source) => {
                         failure = Some(StageError::Delivery {
@@ -890,18 +943,10 @@ where
                     }
                 };
                 store(&consumer, &stage.inputs, storable);
-                let fault = progress.injected.lock().unwrap_or_else(PoisonError::into_inner).take();
-                if let Some(fault) = fault {
-                    tracing::warn!(stage = name, ?fault, "Fault injected.");
-                    match fault {
-                        Fault::PauseConsumer => {
-                            if let Err(e) = consumer.assignment().and_then(|owned| consumer.pause(&owned)) {
-                                tracing::warn!(stage = name, error = %e, "Could not pause.");
-                            }
-                        }
-                        Fault::IgnoreAcknowledgements => ignoring_acks = true,
-                        Fault::LeaveGroup => consumer.unsubscribe(),
-                    }
+                match progress.take_fault(name, &consumer) {
+                    Some(Fault::IgnoreAcknowledgements) => ignoring_acks = true,
+                    Some(Fault::RefuseDelivery) => refusing = true,
+                    _ => {}
                 }
                 progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
                 if let Some(stall) = watchdog.check(&consumer, &producer, tracker.in_flight(), runner.max_in_flight) {

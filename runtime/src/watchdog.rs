@@ -78,6 +78,8 @@ pub(crate) struct Watchdog {
     waiting_reported: bool,
     /// While the consumer owns nothing: the group's committed offsets when last looked at.
     group_seen: Option<Committed>,
+    /// Whether the stage can replace its producer (else a delivery stall is only reported).
+    replaces_producer: bool,
 }
 
 impl Watchdog {
@@ -92,7 +94,15 @@ impl Watchdog {
             last_ack: now,
             waiting_reported: false,
             group_seen: None,
+            replaces_producer: true,
         }
+    }
+
+    /// For a stage that cannot abandon its outputs in flight (the actuator's outcomes are not
+    /// all made again from re-read input): a delivery stall is reported, never acted on.
+    pub(crate) fn keeping_producer(mut self) -> Self {
+        self.replaces_producer = false;
+        self
     }
 
     /// Input was read (or a partition's end reached).
@@ -137,12 +147,17 @@ impl Watchdog {
         } else if self.last_ack.elapsed() >= self.timeout {
             let waited = self.last_ack.elapsed();
             // Asked through the consumer: the producer is the suspect.
-            if tokio::task::block_in_place(|| answers(consumer.client())) {
+            let answered = tokio::task::block_in_place(|| answers(consumer.client()));
+            if answered && self.replaces_producer {
                 tracing::warn!(stage, in_flight, unacknowledged_for = ?waited, "Outputs not acknowledged although the broker answers: replacing the producer and the consumer; their inputs are read again (same output ids).");
                 return Some(Stall::Delivery { in_flight });
             }
             if !std::mem::replace(&mut self.waiting_reported, true) {
-                tracing::warn!(stage, in_flight, unacknowledged_for = ?waited, "Outputs wait for the broker, which does not answer; offsets wait for them.");
+                if answered {
+                    tracing::warn!(stage, in_flight, unacknowledged_for = ?waited, "Outputs not acknowledged although the broker answers; offsets wait for them.");
+                } else {
+                    tracing::warn!(stage, in_flight, unacknowledged_for = ?waited, "Outputs wait for the broker, which does not answer; offsets wait for them.");
+                }
             }
             self.last_ack = Instant::now();
         }
