@@ -23,7 +23,7 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer},
-    error::KafkaError,
+    error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -89,6 +89,16 @@ pub fn kill_switch(
         }
     });
     KillSignal::new(rx)
+}
+
+/// Whether a delivery failed only because its producer was replaced (its queue purged).
+fn purged(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+        )
+    )
 }
 
 fn delivery(
@@ -171,16 +181,10 @@ pub(crate) async fn run(
     let mut engine = Engine::new(a.clone(), pool, stop).context("building the actuators")?;
     let group = format!("{}{}", k.group_prefix, NAME);
     let mut consumer = kafka::consumer(k, &group, progress.consumer.clone())?;
-    let producer = kafka::producer(k)?;
+    let mut producer = kafka::producer(k)?;
     let inputs = [topics.decisions.as_str(), topics.scores.as_str()];
-    // The watchdog replaces a stalled consumer; the producer it only reports (the outcomes of
-    // a scan are not made again from re-read input).
-    let mut watchdog = Watchdog::new(
-        NAME,
-        inputs.iter().map(|t| (*t).to_owned()).collect(),
-        r.stall_timeout,
-    )
-    .keeping_producer();
+    // The watchdog replaces a stalled consumer.
+    let mut watchdog = Watchdog::new(NAME, r.stall_timeout);
     let mut stalled = false;
     // Outcomes refused by the broker since one was last delivered.
     let mut undelivered = 0;
@@ -236,14 +240,20 @@ pub(crate) async fn run(
                         if let Some((p, o)) = input { tracker.ack(p, o) }
                     }
                     // The broker refused an outcome (seen: an unknown broker error for the
-                    // first batches after the broker restarted): sent again, as it was, after a
-                    // pause; an error that keeps coming back with nothing delivered in between
-                    // stops the stage. (Outcomes of a scan are made once, so they are sent
-                    // again rather than made again from re-read input.)
-                    Err((e, Some(message))) if undelivered < crate::runner::MAX_UNDELIVERED => {
-                        undelivered += 1;
-                        tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again.");
-                        tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                    // first batches after the broker restarted): sent again, as it was, by a
+                    // new producer after a pause (the old one's outputs in flight come back
+                    // purged, and are sent again too); an error that keeps coming back with
+                    // nothing delivered in between stops the stage. (Outcomes of a scan are
+                    // made once, so they are sent again rather than made again from re-read
+                    // input.)
+                    Err((e, Some(message))) if purged(&e) || undelivered < crate::runner::MAX_UNDELIVERED => {
+                        if !purged(&e) {
+                            undelivered += 1;
+                            tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again with a new producer.");
+                            tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                            let old = std::mem::replace(&mut producer, kafka::producer(k)?);
+                            tokio::task::block_in_place(|| drop(old));
+                        }
                         let mut record = FutureRecord::to(message.topic())
                             .payload(message.payload().unwrap_or_default());
                         if let Some(key) = message.key() {
@@ -264,7 +274,7 @@ pub(crate) async fn run(
                     tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
                 }
                 progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
-                if watchdog.check(&consumer, &producer, tracker.in_flight(), r.max_in_flight).is_some() {
+                if watchdog.check(&consumer, tracker.in_flight(), r.max_in_flight).is_some() {
                     progress.stalls.fetch_add(1, Ordering::Relaxed);
                     stalled = true;
                 }

@@ -350,11 +350,9 @@ pub struct RunnerConfig {
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// The watchdog: a consumer that has read nothing for this long while its partitions hold
-    /// unread input (and back-pressure is not what holds it), owns nothing while its group's
-    /// offsets stay behind, or gets no answer from a broker that answers the producer, is
-    /// stalled, and so is a producer whose outputs wait this long for an acknowledgement while
-    /// the broker answers. The stalled client is replaced (the consumer rejoins the group and
-    /// resumes from the stored offsets). `0s` turns the watchdog off.
+    /// unread input (and back-pressure is not what holds it) is stalled; it is then replaced by
+    /// a new one, which rejoins the group and resumes from the stored offsets. Outputs waiting
+    /// this long for the broker's acknowledgement are reported. `0s` turns the watchdog off.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
     /// How long a partition of a stage that waits for every partition (the fleet stage's

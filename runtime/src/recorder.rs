@@ -291,11 +291,7 @@ pub(crate) async fn run(
     }
     let mut report = StageReport::default();
     // The watchdog replaces a stalled consumer (at the end of the batch being collected).
-    let mut watchdog = Watchdog::new(
-        NAME,
-        inputs.iter().map(|t| (*t).clone()).collect(),
-        runner.stall_timeout,
-    );
+    let mut watchdog = Watchdog::new(NAME, runner.stall_timeout);
     let mut watch = tokio::time::interval(runner.commit_interval);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalled = false;
@@ -345,7 +341,7 @@ pub(crate) async fn run(
                         tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
                     }
                     progress.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
-                    if watchdog.check(&consumer, &producer, 0, 1).is_some() {
+                    if watchdog.check(&consumer, 0, 1).is_some() {
                         progress.stalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         stalled = true;
                         break;

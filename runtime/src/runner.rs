@@ -200,12 +200,6 @@ pub struct Progress {
 pub enum Fault {
     /// Pause every partition the consumer owns, as a wedged fetcher would.
     PauseConsumer,
-    /// Ignore every acknowledgement of an output until the producer is replaced, as if a
-    /// producer had stopped delivering.
-    IgnoreAcknowledgements,
-    /// Leave the group (unsubscribe), as a consumer that lost its membership and never
-    /// rejoined would.
-    LeaveGroup,
     /// Take the next output's acknowledgement for a refusal by the broker (an unknown broker
     /// error, as tansu answered the first produce requests after it restarted).
     RefuseDelivery,
@@ -238,10 +232,6 @@ impl Progress {
                 {
                     tracing::warn!(stage, error = %e, "Could not pause.");
                 }
-                None
-            }
-            Fault::LeaveGroup => {
-                consumer.unsubscribe();
                 None
             }
             other => Some(other),
@@ -688,10 +678,8 @@ where
     let mut caught_up_at: std::collections::BTreeMap<i32, tokio::time::Instant> =
         Default::default();
     // The watchdog, and the stall it found (handled at the top of the loop).
-    let mut watchdog = Watchdog::new(name, input_topics.clone(), runner.stall_timeout);
+    let mut watchdog = Watchdog::new(name, runner.stall_timeout);
     let mut stalled: Option<Stall> = None;
-    // An injected fault (tests): acknowledgements ignored until the producer is replaced.
-    let mut ignoring_acks = false;
     // Outputs refused by the broker since one was last delivered.
     let mut undelivered = 0;
     // An injected fault (tests): the next acknowledgement taken for a refusal.
@@ -745,7 +733,6 @@ where
                 };
                 deliveries = FuturesUnordered::new();
                 tokio::task::block_in_place(|| drop(std::mem::replace(&mut producer, fresh)));
-                ignoring_acks = false;
                 dropped.extend(
                     tracker
                         .partitions()
@@ -894,7 +881,6 @@ where
                     other => other,
                 };
                 match result {
-                    Ok(()) if ignoring_acks => {}
                     Ok(()) => {
                         tracker.ack(partition, offset);
                         watchdog.acknowledged();
@@ -943,13 +929,11 @@ where
                     }
                 };
                 store(&consumer, &stage.inputs, storable);
-                match progress.take_fault(name, &consumer) {
-                    Some(Fault::IgnoreAcknowledgements) => ignoring_acks = true,
-                    Some(Fault::RefuseDelivery) => refusing = true,
-                    _ => {}
+                if let Some(Fault::RefuseDelivery) = progress.take_fault(name, &consumer) {
+                    refusing = true;
                 }
                 progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
-                if let Some(stall) = watchdog.check(&consumer, &producer, tracker.in_flight(), runner.max_in_flight) {
+                if let Some(stall) = watchdog.check(&consumer, tracker.in_flight(), runner.max_in_flight) {
                     progress.stalls.fetch_add(1, Ordering::Relaxed);
                     stalled = Some(stall);
                 }

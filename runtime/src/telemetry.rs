@@ -58,8 +58,8 @@ pub mod names {
     /// Gauge, by `stage`: outputs waiting for the broker's acknowledgement (their inputs'
     /// offsets wait for them).
     pub const OUTPUTS_IN_FLIGHT: &str = "foresight_outputs_in_flight";
-    /// Counter, by `stage`: stalls the watchdog found (a consumer reading nothing while input
-    /// waits, or outputs unacknowledged while the broker answers) and recovered from.
+    /// Counter, by `stage`: client replacements (a consumer reading nothing while input waits,
+    /// found by the watchdog, or an output the broker refused).
     pub const STALLS: &str = "foresight_stalls";
     /// Counter, by `stage`: forecast model fits (scheduled refits and refits on drift).
     pub const MODEL_REFITS: &str = "foresight_model_refits";
@@ -433,7 +433,7 @@ pub fn observe(observer: Arc<Observer>, stages: &[Stage]) {
     let _ = per_stage!(
         u64_observable_counter,
         names::STALLS,
-        "Stalls found and recovered from by the watchdog.",
+        "Client replacements: stalled consumers, refused outputs.",
         "{stall}",
         |p| p.stalls.load(Relaxed)
     );
