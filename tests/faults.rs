@@ -893,9 +893,9 @@ async fn every_stage_detects_its_stalled_consumer() -> anyhow::Result<()> {
     stalled("stall-all", Stall::EveryStage).await
 }
 
-/// 5e. The broker refuses an output (as tansu did for the first produce requests after it
-/// restarted, with an unknown broker error): the stage does not stop, but replaces its producer
-/// and consumer and reads the input from its stored offsets again; nothing lost or made twice.
+/// 5e. The broker refuses an output (as tansu did for produce requests as it stopped and after
+/// it restarted, with an unknown broker error): the stage does not stop, but sends the output
+/// again through a new producer; nothing lost or made twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_refused_by_the_broker_is_produced_again() -> anyhow::Result<()> {
     stalled("refused", Stall::Refused).await

@@ -23,7 +23,7 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer},
-    error::{KafkaError, RDKafkaErrorCode},
+    error::KafkaError,
     message::{Header, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
@@ -89,16 +89,6 @@ pub fn kill_switch(
         }
     });
     KillSignal::new(rx)
-}
-
-/// Whether a delivery failed only because its producer was replaced (its queue purged).
-fn purged(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::MessageProduction(
-            RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
-        )
-    )
 }
 
 fn delivery(
@@ -246,8 +236,8 @@ pub(crate) async fn run(
                     // nothing delivered in between stops the stage. (Outcomes of a scan are
                     // made once, so they are sent again rather than made again from re-read
                     // input.)
-                    Err((e, Some(message))) if purged(&e) || undelivered < crate::runner::MAX_UNDELIVERED => {
-                        if !purged(&e) {
+                    Err((e, Some(message))) if crate::runner::purged(&e) || undelivered < crate::runner::MAX_UNDELIVERED => {
+                        if !crate::runner::purged(&e) {
                             undelivered += 1;
                             tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again with a new producer.");
                             tokio::time::sleep(Duration::from_millis(200) * undelivered).await;

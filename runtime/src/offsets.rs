@@ -179,11 +179,6 @@ impl OffsetTracker {
         self.in_flight
     }
 
-    /// The partitions tracked (read since assigned).
-    pub(crate) fn partitions(&self) -> impl Iterator<Item = InputPartition> + '_ {
-        self.partitions.keys().copied()
-    }
-
     /// The partition was revoked: forget it, so nothing is ever stored for it.
     pub(crate) fn revoke(&mut self, partition: InputPartition) {
         if let Some(p) = self.partitions.remove(&partition) {

@@ -174,7 +174,8 @@ pub struct Progress {
     pub events: AtomicU64,
     /// Dead letters produced.
     pub dead_letters: AtomicU64,
-    /// Times the watchdog found the consumer or the producer stalled and replaced it.
+    /// Client replacements: the watchdog found the consumer stalled, or the broker refused an
+    /// output (a new producer sends it again).
     pub stalls: AtomicU64,
     /// Outputs waiting for the broker's acknowledgement (as of the last periodic store).
     pub in_flight: AtomicU64,
@@ -287,7 +288,19 @@ impl StageReport {
     }
 }
 
-type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), KafkaError>)> + Send>>;
+/// A refused message comes back with its error, to be sent again.
+type Refused = (KafkaError, Option<rdkafka::message::OwnedMessage>);
+type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), Refused>)> + Send>>;
+
+/// Whether a delivery failed only because its producer was replaced (its queue purged).
+pub(crate) fn purged(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+        )
+    )
+}
 
 /// The acknowledgement of one output of the input at `offset` of `partition`.
 fn delivered(
@@ -298,8 +311,8 @@ fn delivered(
     Box::pin(async move {
         let result = match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::Canceled),
+            Ok(Err((e, message))) => Err((e, Some(message))),
+            Err(_) => Err((KafkaError::Canceled, None)),
         };
         (partition, offset, result)
     })
@@ -682,26 +695,26 @@ where
     let mut stalled: Option<Stall> = None;
     // Outputs refused by the broker since one was last delivered.
     let mut undelivered = 0;
-    // An injected fault (tests): the next acknowledgement taken for a refusal.
+    // An injected fault (tests): the next acknowledgement taken for a refusal of the output
+    // copied here.
     let mut refusing = false;
+    let mut refused_copy: Option<rdkafka::message::OwnedMessage> = None;
     // Partitions whose input is being served again (warned once per run of it).
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
     let mut dropped: Vec<(String, i32)> = Vec::new();
     loop {
-        if let Some(stall) = stalled.take() {
-            if !stall.producer() {
-                // Let what is in flight land (bounded), store its offsets and commit them, so
-                // the new consumer resumes right after the work done.
-                let _ = tokio::time::timeout(runner.drain_timeout, async {
-                    while let Some((partition, offset, result)) = deliveries.next().await {
-                        if result.is_ok() {
-                            tracker.ack(partition, offset);
-                        }
+        if let Some(Stall::Reading { .. }) = stalled.take() {
+            // Let what is in flight land (bounded), store its offsets and commit them, so the
+            // new consumer resumes right after the work done.
+            let _ = tokio::time::timeout(runner.drain_timeout, async {
+                while let Some((partition, offset, result)) = deliveries.next().await {
+                    if result.is_ok() {
+                        tracker.ack(partition, offset);
                     }
-                })
-                .await;
-            }
+                }
+            })
+            .await;
             let storable = match &mut checkpoints {
                 None => tracker.storable(),
                 Some(c) => c
@@ -717,30 +730,6 @@ where
                 tracing::debug!(stage = name, error = %e, "Commit before replacing the consumer failed.");
             }
             dropped = kafka::owned(&consumer);
-            if stall.producer() {
-                // Its outputs are abandoned (the old producer purges them) and every partition
-                // with outputs in flight is forgotten, so none of their offsets is stored: the
-                // new consumer reads those inputs again and their outputs come again, same ids.
-                let fresh = match kafka::producer(kafka_config) {
-                    Ok(p) => p,
-                    Err(source) => {
-                        failure = Some(StageError::Kafka {
-                            stage: name,
-                            source,
-                        });
-                        break;
-                    }
-                };
-                deliveries = FuturesUnordered::new();
-                tokio::task::block_in_place(|| drop(std::mem::replace(&mut producer, fresh)));
-                dropped.extend(
-                    tracker
-                        .partitions()
-                        .map(|s| (input_topics[usize::from(s.input)].clone(), s.partition)),
-                );
-                dropped.sort();
-                dropped.dedup();
-            }
             let fresh =
                 match kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()) {
                     Ok(c) => c,
@@ -763,7 +752,7 @@ where
                 });
                 break;
             }
-            tracing::info!(stage = name, partitions = ?dropped, producer_replaced = stall.producer(), "Stalled client replaced; rejoining the group.");
+            tracing::info!(stage = name, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
             watchdog.replaced();
         }
         // A replaced consumer's partitions first, then the rebalances in the order they came.
@@ -875,9 +864,11 @@ where
             Some(change) = recv_control(&mut stage.control) => change(&mut stage.processor),
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 let result = match result {
-                    Ok(()) if std::mem::take(&mut refusing) => {
-                        Err(KafkaError::MessageProduction(RDKafkaErrorCode::Unknown))
-                    }
+                    // An injected refusal (tests): the output landed, and is sent again too.
+                    Ok(()) if std::mem::take(&mut refusing) => Err((
+                        KafkaError::MessageProduction(RDKafkaErrorCode::Unknown),
+                        refused_copy.take(),
+                    )),
                     other => other,
                 };
                 match result {
@@ -886,19 +877,53 @@ where
                         watchdog.acknowledged();
                         undelivered = 0;
                     }
-                    // The broker refused an output (seen: an unknown broker error for a
-                    // producer's first batches after the broker restarted). Its input's offset
-                    // was not stored, so the stage recovers as from a delivery stall: a new
-                    // producer and consumer, and the input from the stored offsets read again.
-                    // An error that keeps coming back without any output delivered in between
-                    // stops the stage.
-                    Err(source) if undelivered < MAX_UNDELIVERED => {
-                        undelivered += 1;
-                        tracing::warn!(stage = name, error = %source, topic = %stage.inputs[usize::from(partition.input)].topic, partition = partition.partition, offset, attempt = undelivered, "Output not delivered; replacing the producer and the consumer, the input is read again.");
-                        progress.stalls.fetch_add(1, Ordering::Relaxed);
-                        stalled = Some(Stall::Delivery { in_flight: tracker.in_flight() });
+                    // The broker refused an output (seen: an unknown broker error as the broker
+                    // stopped or right after it restarted). It is sent again, as it was, by a
+                    // new producer after a pause; the old producer's outputs in flight come back
+                    // purged and are sent again too. (Reading the input again instead, with a
+                    // new consumer, made the fleet stage close a round again without all of its
+                    // entities: another content under the same id.) An error that keeps coming
+                    // back with nothing delivered in between stops the stage.
+                    Err((e, Some(message))) if purged(&e) || undelivered < MAX_UNDELIVERED => {
+                        if !purged(&e) {
+                            undelivered += 1;
+                            tracing::warn!(stage = name, error = %e, topic = message.topic(), attempt = undelivered, "Output not delivered; sending it again with a new producer.");
+                            progress.stalls.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                            match kafka::producer(kafka_config) {
+                                Ok(fresh) => {
+                                    let old = std::mem::replace(&mut producer, fresh);
+                                    tokio::task::block_in_place(|| drop(old));
+                                }
+                                Err(source) => {
+                                    failure = Some(StageError::Kafka { stage: name, source });
+                                    break;
+                                }
+                            }
+                        }
+                        let mut record = FutureRecord::to(message.topic())
+                            .payload(message.payload().unwrap_or_default());
+                        if let Some(key) = message.key() {
+                            record = record.key(key);
+                        }
+                        if let Some(headers) = message.headers() {
+                            record = record.headers(headers.clone());
+                        }
+                        match enqueue(&producer, record).await {
+                            Ok(d) => deliveries.push(delivered(d, partition, offset)),
+                            Err(source) => {
+                                failure = Some(StageError::Delivery {
+                                    stage: name,
+                                    topic: stage.inputs[usize::from(partition.input)].topic.clone(),
+                                    partition: partition.partition,
+                                    offset,
+                                    source,
+                                });
+                                break;
+                            }
+                        }
                     }
-                    Err(source) => {
+                    Err((source, _)) => {
                         failure = Some(StageError::Delivery {
                             stage: name,
                             topic: stage.inputs[usize::from(partition.input)].topic.clone(),
@@ -1027,6 +1052,17 @@ where
                             report.event(progress);
                             latency.record(data.event_time());
                             let m = data.into_message(&source);
+                            if refusing && refused_copy.is_none() {
+                                refused_copy = Some(rdkafka::message::OwnedMessage::new(
+                                    Some(m.payload.clone()),
+                                    Some(m.key.as_bytes().to_vec()),
+                                    stage.outputs[m.route].clone(),
+                                    rdkafka::Timestamp::NotAvailable,
+                                    -1,
+                                    -1,
+                                    Some(event_headers(&traceparent)),
+                                ));
+                            }
                             let record = FutureRecord::to(&stage.outputs[m.route])
                                 .key(m.key.as_str())
                                 .payload(m.payload.as_slice())

@@ -26,7 +26,7 @@ use crate::kafka::RebalanceContext;
 /// How long one question to the broker may take.
 const ASK: Duration = Duration::from_secs(2);
 
-/// What the watchdog found, or why a stage replaces its clients.
+/// What the watchdog found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stall {
     /// Input is waiting in the consumer's partitions but none was read.
@@ -34,19 +34,6 @@ pub(crate) enum Stall {
         /// Messages waiting.
         unread: i64,
     },
-    /// The broker refused an output: the producer is replaced too.
-    Delivery {
-        /// Outputs waiting.
-        in_flight: usize,
-    },
-}
-
-impl Stall {
-    /// Whether the producer must be replaced too (its outputs are abandoned, and their inputs
-    /// read again: their outputs come again with the same ids).
-    pub(crate) fn producer(self) -> bool {
-        matches!(self, Self::Delivery { .. })
-    }
 }
 
 /// The clocks of one stage's watchdog.
