@@ -244,15 +244,7 @@ pub(crate) async fn run(
                             let old = std::mem::replace(&mut producer, kafka::producer(k)?);
                             tokio::task::block_in_place(|| drop(old));
                         }
-                        let mut record = FutureRecord::to(message.topic())
-                            .payload(message.payload().unwrap_or_default());
-                        if let Some(key) = message.key() {
-                            record = record.key(key);
-                        }
-                        if let Some(headers) = message.headers() {
-                            record = record.headers(headers.clone());
-                        }
-                        let d = crate::runner::enqueue(&producer, record).await?;
+                        let d = crate::runner::enqueue_again(&producer, &message).await?;
                         deliveries.push(delivery(d, input));
                     }
                     Err((e, _)) => { failure = Some(anyhow::Error::new(e).context("delivering an outcome")); break; }

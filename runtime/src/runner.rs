@@ -292,6 +292,22 @@ impl StageReport {
 type Refused = (KafkaError, Option<rdkafka::message::OwnedMessage>);
 type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), Refused>)> + Send>>;
 
+/// Enqueues a message again as it was (topic, key, payload, headers): one the broker refused.
+pub(crate) async fn enqueue_again(
+    producer: &FutureProducer,
+    message: &rdkafka::message::OwnedMessage,
+) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+    let mut record =
+        FutureRecord::to(message.topic()).payload(message.payload().unwrap_or_default());
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(headers) = message.headers() {
+        record = record.headers(headers.clone());
+    }
+    enqueue(producer, record).await
+}
+
 /// Whether a delivery failed only because its producer was replaced (its queue purged).
 pub(crate) fn purged(e: &KafkaError) -> bool {
     matches!(
@@ -871,11 +887,12 @@ where
                     )),
                     other => other,
                 };
-                match result {
+                let source = match result {
                     Ok(()) => {
                         tracker.ack(partition, offset);
                         watchdog.acknowledged();
                         undelivered = 0;
+                        continue;
                     }
                     // The broker refused an output (seen: an unknown broker error as the broker
                     // stopped or right after it restarted). It is sent again, as it was, by a
@@ -901,39 +918,24 @@ where
                                 }
                             }
                         }
-                        let mut record = FutureRecord::to(message.topic())
-                            .payload(message.payload().unwrap_or_default());
-                        if let Some(key) = message.key() {
-                            record = record.key(key);
-                        }
-                        if let Some(headers) = message.headers() {
-                            record = record.headers(headers.clone());
-                        }
-                        match enqueue(&producer, record).await {
-                            Ok(d) => deliveries.push(delivered(d, partition, offset)),
-                            Err(source) => {
-                                failure = Some(StageError::Delivery {
-                                    stage: name,
-                                    topic: stage.inputs[usize::from(partition.input)].topic.clone(),
-                                    partition: partition.partition,
-                                    offset,
-                                    source,
-                                });
-                                break;
+                        match enqueue_again(&producer, &message).await {
+                            Ok(d) => {
+                                deliveries.push(delivered(d, partition, offset));
+                                continue;
                             }
+                            Err(source) => source,
                         }
                     }
-                    Err((source, _)) => {
-                        failure = Some(StageError::Delivery {
-                            stage: name,
-                            topic: stage.inputs[usize::from(partition.input)].topic.clone(),
-                            partition: partition.partition,
-                            offset,
-                            source,
-                        });
-                        break;
-                    }
-                }
+                    Err((source, _)) => source,
+                };
+                failure = Some(StageError::Delivery {
+                    stage: name,
+                    topic: stage.inputs[usize::from(partition.input)].topic.clone(),
+                    partition: partition.partition,
+                    offset,
+                    source,
+                });
+                break;
             }
             _ = tick.tick() => {
                 if let Some(fits) = stage.fits {
