@@ -2,6 +2,7 @@
 # Foresight's local stack: a Kafka-compatible broker (tansu) and Postgres, on this machine.
 #
 #   deploy/dev/stack.sh up       install tansu if missing, start it and Postgres, create the database
+#   deploy/dev/stack.sh install  only install tansu if missing
 #   deploy/dev/stack.sh down     stop the broker (Postgres is the machine's and is left running)
 #   deploy/dev/stack.sh status   say what is running
 #   deploy/dev/stack.sh reset    stop the broker, delete its data, start it again (the test command
@@ -47,7 +48,9 @@ ensure_tansu() {
     export PATH="$HOME/.cargo/bin:$PATH"
     if command -v tansu >/dev/null 2>&1; then return 0; fi
     say "installing tansu $TANSU_VERSION (cargo install; about 10-17 minutes on 2 cores, once per machine)"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
+    # In a build directory of its own (not the workspace's CARGO_TARGET_DIR), so it can run beside
+    # the workspace's build without either waiting for the other's lock.
+    env -u CARGO_TARGET_DIR cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql >&2
 }
 
 broker_up() {
@@ -110,6 +113,7 @@ status() {
 
 case "${1:-}" in
     up) broker_up; postgres_up ;;
+    install) ensure_tansu ;;
     reset)
         broker_down
         rm -f "$DATA"/tansu.db "$DATA"/tansu.db-shm "$DATA"/tansu.db-wal
@@ -123,5 +127,5 @@ case "${1:-}" in
         broker_up; postgres_up ;;
     down) broker_down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status|reset" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|reset|install" >&2; exit 2 ;;
 esac

@@ -18,8 +18,41 @@ export FORESIGHT_BROKER=$FORESIGHT_TEST_BROKERS
 started=$(date +%s)
 step() { printf '\n==> %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 
-step "Local stack (a fresh broker in its own data dir)"
-FORESIGHT_DATA=${FORESIGHT_TEST_DATA:-$HOME/.cache/foresight-test-stack} deploy/dev/stack.sh reset
+# One run at a time on a machine: two runs would reset each other's broker (the same port and data
+# dir) and fail each other's tests. A second run waits for the first, for up to 50 minutes (a
+# process left over from a run, holding the lock after it, cannot stop runs for good).
+mkdir -p "$HOME/.cache"
+exec 9>"$HOME/.cache/foresight-test.lock"
+if ! flock -n 9; then
+    step "Waiting for another test run on this machine to finish"
+    flock -w 3000 9 || step "Another run still holds the lock after 50 minutes: going on"
+fi
+
+# Tools this run needs and a new machine lacks (tansu, cargo-deny, cargo-fuzz and the fuzz targets)
+# are built in the background, each in a build directory of its own, while the workspace is
+# formatted, linted and built; each is waited for where it is first needed.
+export PATH="$HOME/.cargo/bin:$PATH"
+tools_log=$(mktemp -d)
+declare -A tool_pid
+tool() { # name command...
+    local name=$1; shift
+    setsid "$@" >"$tools_log/$name.log" 2>&1 9>&- &
+    tool_pid[$name]=$!
+}
+# A run that stops early stops its background builds too.
+trap 'for p in "${tool_pid[@]}"; do kill -- "-$p" 2>/dev/null || true; done' EXIT
+need() { # name
+    local name=$1
+    [ -n "${tool_pid[$name]:-}" ] || return 0
+    if ! wait "${tool_pid[$name]}"; then
+        echo "installing $name failed:"; tail -n 40 "$tools_log/$name.log"; exit 1
+    fi
+    unset "tool_pid[$name]"
+}
+step "Tools, in the background: tansu, cargo-deny, cargo-fuzz and the fuzz targets (built once per machine)"
+command -v tansu >/dev/null 2>&1 || tool tansu deploy/dev/stack.sh install
+command -v cargo-deny >/dev/null 2>&1 || tool cargo-deny env -u CARGO_TARGET_DIR cargo install cargo-deny --version 0.20.2 --locked
+tool fuzz-targets deploy/dev/fuzz.sh --build
 
 step "Test clients (OpenTelemetry Python SDK, confluent-kafka) in ${FORESIGHT_VENV:=$HOME/.cache/foresight-venv}"
 if [ ! -x "$FORESIGHT_VENV/bin/python" ] || ! "$FORESIGHT_VENV/bin/python" -c 'import confluent_kafka, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.common, kubernetes_validate' 2>/dev/null; then
@@ -50,7 +83,7 @@ step "Lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Supply chain: cargo deny (advisories, licences, bans, sources)"
-command -v cargo-deny >/dev/null 2>&1 || cargo install cargo-deny --version 0.20.2 --locked
+need cargo-deny
 # The advisory database comes from GitHub; where GitHub is out of reach the check runs on the
 # copy fetched last (FORESIGHT_DENY_OFFLINE=1: `cargo deny --offline`), or without advisories if there is none.
 if [ "${FORESIGHT_DENY_OFFLINE:-0}" != 1 ] && ! timeout 30 git ls-remote --heads https://github.com/rustsec/advisory-db main >/dev/null 2>&1; then
@@ -71,6 +104,12 @@ fi
 step "Build (the end-to-end tests run the foresight binary as a child process)"
 cargo build --workspace --bins --locked
 
+# Nothing else builds while the tests run: several of them measure rates and time-outs.
+need tansu
+need fuzz-targets
+step "Local stack (a fresh broker in its own data dir)"
+FORESIGHT_DATA=${FORESIGHT_TEST_DATA:-$HOME/.cache/foresight-test-stack} deploy/dev/stack.sh reset 9>&-
+
 step "Tests (unit, property, end-to-end; benchmarks in quick mode so they cannot rot)"
 # The crates' own tests, then each end-to-end test binary on a freshly reset broker: after a long
 # run of tests, tansu 0.6.0 on sqlite stopped answering new clients' requests (metadata, producer
@@ -79,7 +118,7 @@ step "Tests (unit, property, end-to-end; benchmarks in quick mode so they cannot
 cargo test --workspace --all-targets --locked --exclude foresight-tests
 cargo test -p foresight-tests --lib --benches --locked
 for t in $(awk '/^\[\[test\]\]/{t=1; next} t && /^name/{gsub(/.*= *"|"/, ""); print; t=0}' tests/Cargo.toml); do
-    FORESIGHT_DATA=${FORESIGHT_TEST_DATA:-$HOME/.cache/foresight-test-stack} deploy/dev/stack.sh reset >/dev/null
+    FORESIGHT_DATA=${FORESIGHT_TEST_DATA:-$HOME/.cache/foresight-test-stack} deploy/dev/stack.sh reset >/dev/null 9>&-
     cargo test -p foresight-tests --test "$t" --locked
 done
 

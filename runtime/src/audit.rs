@@ -153,23 +153,37 @@ pub fn recordable(t: DateTime<Utc>) -> bool {
 /// `foresight_row_digest` of a row, computed here from the values it will be stored as; `None`
 /// when its event time is not [`recordable`].
 fn row_digest(r: &Row, p: &Position, payload: &str) -> Option<Vec<u8>> {
+    use std::fmt::Write as _;
     if !recordable(r.time) {
         return None;
     }
     let t = stored_time(r.time)?;
-    let text = [
-        r.id.to_string(),
-        r.ty.clone(),
-        r.entity.clone(),
-        t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
-        r.schema_version.to_string(),
-        payload.to_owned(),
-        p.topic.clone(),
-        p.partition.to_string(),
-        p.offset.to_string(),
-    ]
-    .join("\u{1f}");
-    Some(Sha256::digest(text.as_bytes()).to_vec())
+    // The columns' text forms joined by U+001F, as `foresight_row_digest` joins them; the
+    // numbers and the time are formatted into one scratch string.
+    const SEP: &[u8] = "\u{1f}".as_bytes();
+    let mut scratch = String::with_capacity(64);
+    let mut h = Sha256::new();
+    let _ = write!(scratch, "{}", r.id);
+    h.update(scratch.as_bytes());
+    for s in [r.ty.as_str(), r.entity.as_str()] {
+        h.update(SEP);
+        h.update(s.as_bytes());
+    }
+    scratch.clear();
+    let _ = write!(
+        scratch,
+        "\u{1f}{}\u{1f}{}\u{1f}",
+        t.format("%Y-%m-%dT%H:%M:%S%.6f"),
+        r.schema_version
+    );
+    h.update(scratch.as_bytes());
+    h.update(payload.as_bytes());
+    h.update(SEP);
+    h.update(p.topic.as_bytes());
+    scratch.clear();
+    let _ = write!(scratch, "\u{1f}{}\u{1f}{}", p.partition, p.offset);
+    h.update(scratch.as_bytes());
+    Some(h.finalize().to_vec())
 }
 
 /// One row of `COPY events (...) FROM STDIN` (text format).
@@ -186,21 +200,27 @@ fn copy_row(
 ) {
     use std::fmt::Write as _;
     let field = |out: &mut String, s: &str| {
-        for c in s.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\t' => out.push_str("\\t"),
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                c => out.push(c),
-            }
+        // Runs without a character COPY escapes are copied whole.
+        let mut rest = s;
+        while let Some(i) = rest.find(['\\', '\t', '\n', '\r']) {
+            out.push_str(&rest[..i]);
+            out.push_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'\t' => "\\t",
+                b'\n' => "\\n",
+                _ => "\\r",
+            });
+            rest = &rest[i + 1..];
         }
+        out.push_str(rest);
         out.push('\t');
     };
     let bytea = |out: &mut String, b: &[u8]| {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         out.push_str("\\\\x");
         for x in b {
-            let _ = write!(out, "{x:02x}");
+            out.push(char::from(HEX[usize::from(x >> 4)]));
+            out.push(char::from(HEX[usize::from(x & 15)]));
         }
     };
     let _ = write!(out, "{}\t", r.id);

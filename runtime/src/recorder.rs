@@ -1,13 +1,15 @@
 //! The recorder: writes decisions, outcomes, scores and failure reports to the Postgres audit log.
 //!
-//! Each batch is one transaction holding the events (inserted once, by id) and the consumed
-//! offsets that produced them. Offsets are stored in Kafka only after that transaction commits, and
-//! the offsets in Postgres are authoritative: a message at or past a recorded offset is skipped, and
-//! a redelivered one inserts nothing twice anyway. While Postgres is away the recorder retries with
-//! backoff and reads nothing new, so no offset ever advances past unrecorded work.
+//! Each source partition's share of a batch is one transaction holding its events (inserted once,
+//! by id) and the partition's next offset, written by that partition's writer task while the
+//! stage reads the next batch ([`Writers`]). Offsets are stored in Kafka only after that
+//! transaction commits, and the offsets in Postgres are authoritative: a message at or past a
+//! recorded offset is skipped, and a redelivered one inserts nothing twice anyway. While Postgres
+//! is away the writers retry with backoff and, their queues full, the stage reads nothing new, so
+//! no offset ever advances past unrecorded work.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, HashSet},
     time::Duration,
 };
 
@@ -22,6 +24,7 @@ use rdkafka::{
     producer::FutureRecord,
 };
 use sqlx::PgPool;
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -169,37 +172,227 @@ pub struct Position {
     pub offset: i64,
 }
 
-/// Records a batch: the rows of each source partition, with that partition's next offset, in a
-/// transaction of their own, the partitions concurrently (each is its own hash chain, so they lock
-/// nothing in common). A partition's offset is in the same transaction as its rows, so it never
-/// advances past unrecorded work; if one partition fails, the others' writes stand and the batch
-/// is retried whole (rows already recorded are skipped by id). Returns the rows inserted.
-pub async fn record(
-    pool: &PgPool,
-    group: &str,
-    rows: &[(Row, Position)],
-    next: &HashMap<(String, i32), i64>,
-) -> Result<u64, sqlx::Error> {
-    // Per source partition: its rows, and the offset to store with them.
-    type Part = (Vec<(Row, Position)>, Option<i64>);
-    let mut parts: BTreeMap<(&str, i32), Part> = BTreeMap::new();
-    for (r, p) in rows {
-        parts
-            .entry((p.topic.as_str(), p.partition))
-            .or_default()
-            .0
-            .push((r.clone(), p.clone()));
+/// A source partition's rows to record and the offset to store with them.
+struct Job {
+    rows: Vec<(Row, Position)>,
+    next: i64,
+}
+
+/// A job committed: its partition's rows are in the audit log and its offset beside them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// The partition's next offset, now stored in Postgres with the rows before it.
+    pub next: i64,
+    /// Rows inserted (redelivered rows are skipped).
+    pub inserted: u64,
+}
+
+/// The recorder's writers: a task per source partition that records the partition's batches in
+/// order, each in one transaction with the partition's next offset, while the stage reads on.
+///
+/// Each partition is its own hash chain and its own offset, so partitions share no lock and
+/// write concurrently (on every core the runtime has), and a partition's batches commit in the
+/// order they were read, so its stored offset never passes unrecorded work. At most `depth`
+/// batches wait per partition: when Postgres is slower than the input, or away (a writer retries
+/// with backoff until the shutdown), [`Writers::submit`] waits, and the stage reads nothing new.
+pub struct Writers {
+    pool: PgPool,
+    group: String,
+    depth: usize,
+    shutdown: CancellationToken,
+    queues: HashMap<(String, i32), mpsc::Sender<Job>>,
+    done_tx: mpsc::UnboundedSender<Written>,
+    done_rx: mpsc::UnboundedReceiver<Written>,
+    tasks: JoinSet<()>,
+    in_flight: usize,
+}
+
+impl Writers {
+    /// Writers for consumer group `group` (whose offsets they store in Postgres), with at most
+    /// `depth` batches waiting per partition; they stop retrying a failed write at `shutdown`.
+    pub fn new(pool: PgPool, group: &str, depth: usize, shutdown: CancellationToken) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            pool,
+            group: group.to_owned(),
+            depth: depth.max(1),
+            shutdown,
+            queues: HashMap::new(),
+            done_tx,
+            done_rx,
+            tasks: JoinSet::new(),
+            in_flight: 0,
+        }
     }
-    for ((topic, partition), offset) in next {
-        parts.entry((topic.as_str(), *partition)).or_default().1 = Some(*offset);
+
+    /// Queues a batch: each partition's rows with its next offset from `next` (every partition
+    /// there gets a job, rows or not, so its offset is stored). Waits while a partition's queue is
+    /// full. `false` if a writer has stopped (the shutdown came while Postgres was failing).
+    pub async fn submit(
+        &mut self,
+        rows: Vec<(Row, Position)>,
+        next: &HashMap<(String, i32), i64>,
+    ) -> bool {
+        let mut parts: HashMap<(String, i32), Vec<(Row, Position)>> = HashMap::new();
+        for (r, p) in rows {
+            parts
+                .entry((p.topic.clone(), p.partition))
+                .or_default()
+                .push((r, p));
+        }
+        // In a fixed order, so that two runs over the same input queue the same way.
+        let mut keys: Vec<&(String, i32)> = next.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let job = Job {
+                rows: parts.remove(key).unwrap_or_default(),
+                next: next[key],
+            };
+            let queue = match self.queues.get(key) {
+                Some(q) => q.clone(),
+                None => {
+                    let (tx, rx) = mpsc::channel(self.depth);
+                    self.tasks.spawn(writer(
+                        self.pool.clone(),
+                        self.group.clone(),
+                        key.clone(),
+                        rx,
+                        self.done_tx.clone(),
+                        self.shutdown.clone(),
+                    ));
+                    self.queues.insert(key.clone(), tx.clone());
+                    tx
+                }
+            };
+            if queue.send(job).await.is_err() {
+                return false;
+            }
+            self.in_flight += 1;
+        }
+        true
     }
-    // The months' partitions first, committed before the partitions' writes need them.
-    crate::audit::ensure_months(pool, rows.iter().map(|(r, _)| r.time)).await?;
-    let writes = parts.iter().map(|((topic, partition), (rows, offset))| {
-        write(pool, group, rows, topic, *partition, *offset)
-    });
-    let inserted = futures::future::join_all(writes).await;
-    inserted.into_iter().try_fold(0, |n, r| Ok(n + r?))
+
+    /// Jobs queued or being written.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The next job committed; waits for one (never resolves while nothing is in flight, so it
+    /// can sit in a `select!`).
+    pub async fn written(&mut self) -> Written {
+        if self.in_flight == 0 {
+            return std::future::pending().await;
+        }
+        match self.done_rx.recv().await {
+            Some(w) => {
+                self.in_flight -= 1;
+                w
+            }
+            // `self` holds a sender, so the channel cannot close.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Every job committed so far, without waiting.
+    pub fn try_written(&mut self) -> Vec<Written> {
+        let mut out = Vec::new();
+        while let Ok(w) = self.done_rx.try_recv() {
+            self.in_flight -= 1;
+            out.push(w);
+        }
+        out
+    }
+
+    /// Waits until every queued job is committed, or for the shutdown (then [`Writers::close`]
+    /// says what was still written).
+    pub async fn drain(&mut self) -> Vec<Written> {
+        let mut out = self.try_written();
+        while self.in_flight > 0 {
+            tokio::select! {
+                w = self.done_rx.recv() => if let Some(w) = w {
+                    self.in_flight -= 1;
+                    out.push(w);
+                },
+                () = self.shutdown.cancelled() => break,
+                // A writer ends early only by a panic (or at the shutdown, above).
+                Some(r) = self.tasks.join_next() => resume_panic(r),
+            }
+        }
+        out
+    }
+
+    /// Closes the queues and waits for the writers to write what they hold (a writer whose write
+    /// fails after the shutdown stops without it: those offsets are stored nowhere).
+    pub async fn close(mut self) -> Vec<Written> {
+        self.queues.clear();
+        while let Some(r) = self.tasks.join_next().await {
+            resume_panic(r);
+        }
+        self.try_written()
+    }
+}
+
+fn resume_panic(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// One source partition's writer: records its jobs in order; a failed write is retried with
+/// backoff (the job stays at the head of the queue) until it succeeds or the shutdown comes.
+async fn writer(
+    pool: PgPool,
+    group: String,
+    (topic, partition): (String, i32),
+    mut jobs: mpsc::Receiver<Job>,
+    done: mpsc::UnboundedSender<Written>,
+    shutdown: CancellationToken,
+) {
+    // Months whose partition of `events` is known to exist: ensured (committed) before the
+    // transaction that needs them, once.
+    let mut months: HashSet<(i32, u32)> = HashSet::new();
+    while let Some(job) = jobs.recv().await {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match write(
+                &pool,
+                &group,
+                &job.rows,
+                &topic,
+                partition,
+                job.next,
+                &mut months,
+            )
+            .await
+            {
+                Ok(inserted) => {
+                    tracing::debug!(stage = NAME, %topic, partition, rows = job.rows.len(), inserted, next = job.next, "Batch recorded.");
+                    let _ = done.send(Written {
+                        topic: topic.clone(),
+                        partition,
+                        next: job.next,
+                        inserted,
+                    });
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(stage = NAME, %topic, partition, error = %e, retry_in = ?backoff, "Recording failed; retrying.");
+                    tokio::select! {
+                        // Stop without storing: the batch is re-read by whoever runs next.
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
 }
 
 /// Writes one source partition's rows and its next offset in one transaction.
@@ -209,23 +402,32 @@ async fn write(
     rows: &[(Row, Position)],
     topic: &str,
     partition: i32,
-    next: Option<i64>,
+    next: i64,
+    months: &mut HashSet<(i32, u32)>,
 ) -> Result<u64, sqlx::Error> {
+    use chrono::Datelike as _;
+    let new: Vec<DateTime<Utc>> = rows
+        .iter()
+        .map(|(r, _)| r.time)
+        .filter(|t| !months.contains(&(t.year(), t.month())))
+        .collect();
+    if !new.is_empty() {
+        crate::audit::ensure_months(pool, new.iter().copied()).await?;
+        months.extend(new.iter().map(|t| (t.year(), t.month())));
+    }
     let mut tx = pool.begin().await?;
     let inserted = crate::audit::append(&mut tx, rows).await?;
-    if let Some(offset) = next {
-        sqlx::query(
-            "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (consumer_group, topic, partition) DO UPDATE \
-             SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_at = clock_timestamp()",
-        )
-        .bind(group)
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .execute(&mut *tx)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE \
+         SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset), updated_at = clock_timestamp()",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partition)
+    .bind(next)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(inserted)
 }
@@ -241,6 +443,33 @@ async fn recorded_offsets(
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}
+
+/// Stores in Kafka the offsets of the jobs written (each already stored in Postgres with its rows).
+fn store(
+    consumer: &rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>,
+    recorded: &mut HashMap<(String, i32), i64>,
+    report: &mut StageReport,
+    progress: &Progress,
+    written: Vec<Written>,
+) {
+    if written.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for w in written {
+        report.events += w.inserted;
+        progress
+            .events
+            .fetch_add(w.inserted, std::sync::atomic::Ordering::Relaxed);
+        let key = (w.topic, w.partition);
+        let next = recorded.entry(key.clone()).or_insert(w.next);
+        *next = (*next).max(w.next);
+        let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(w.next));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
+    }
 }
 
 /// Runs the recorder until `shutdown` is cancelled.
@@ -290,6 +519,8 @@ pub(crate) async fn run(
         resume.expect(key.clone(), next);
     }
     let mut report = StageReport::default();
+    // Two batches per partition: one being written while the next is read and queued.
+    let mut writers = Writers::new(pool.clone(), &group, 1, shutdown.clone());
     // The watchdog replaces a stalled consumer (at the end of the batch being collected).
     let mut watchdog = Watchdog::new(NAME, runner.stall_timeout);
     let mut watch = tokio::time::interval(runner.commit_interval);
@@ -297,6 +528,12 @@ pub(crate) async fn run(
     let mut stalled = false;
     'outer: loop {
         if std::mem::take(&mut stalled) {
+            // What was read is recorded (and its offsets stored) before the consumer goes.
+            let written = writers.drain().await;
+            store(&consumer, &mut recorded, &mut report, progress, written);
+            if shutdown.is_cancelled() {
+                break 'outer;
+            }
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
             }
@@ -336,11 +573,15 @@ pub(crate) async fn run(
                 biased;
                 () = shutdown.cancelled() => { stopping = true; break; }
                 () = &mut deadline, if !next.is_empty() => break,
+                w = writers.written() => {
+                    store(&consumer, &mut recorded, &mut report, progress, vec![w]);
+                    continue;
+                }
                 _ = watch.tick() => {
                     if let Some(fault) = progress.take_fault(NAME, &consumer) {
                         tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
                     }
-                    progress.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
+                    progress.in_flight.store(writers.in_flight() as u64, std::sync::atomic::Ordering::Relaxed);
                     if watchdog.check(&consumer, 0, 1).is_some() {
                         progress.stalls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         stalled = true;
@@ -456,42 +697,22 @@ pub(crate) async fn run(
             report.dead_letter(progress, dl.error_class);
         }
 
-        if !next.is_empty() {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match record(&pool, &group, &rows, &next).await {
-                    Ok(inserted) => {
-                        tracing::debug!(stage = NAME, rows = rows.len(), inserted, next = ?next, "Batch recorded.");
-                        report.events += inserted;
-                        progress
-                            .events
-                            .fetch_add(inserted, std::sync::atomic::Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(stage = NAME, error = %e, retry_in = ?backoff, "Recording failed; retrying.");
-                        tokio::select! {
-                            // Stop without storing: the batch is re-read by whoever runs next.
-                            () = shutdown.cancelled() => break 'outer,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-            let mut tpl = TopicPartitionList::new();
-            for ((topic, partition), offset) in &next {
-                recorded.insert((topic.clone(), *partition), *offset);
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-            }
-            if let Err(e) = consumer.store_offsets(&tpl) {
-                tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
-            }
+        // Each partition's rows and next offset go to its writer; its offset is stored in Kafka
+        // once they are committed (as reported by `writers.written()`).
+        if !next.is_empty() && !writers.submit(rows, &next).await {
+            // A writer stopped at the shutdown with its batch not written.
+            break 'outer;
         }
+        let written = writers.try_written();
+        store(&consumer, &mut recorded, &mut report, progress, written);
         if stopping {
             break;
         }
     }
+    // What was read and queued is written (unless Postgres is failing: the shutdown stops the
+    // retries, and those offsets are stored nowhere), and its offsets stored.
+    let written = writers.close().await;
+    store(&consumer, &mut recorded, &mut report, progress, written);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(stage = NAME, error = %e, "Final commit skipped.");
     }

@@ -4,7 +4,7 @@
 //!
 //! `cargo bench -p foresight-tests --bench audit` (Postgres up: `deploy/dev/stack.sh up`) records
 //! 200,000 risk-score rows (realistic payloads, in batches of `runner.recorder_batch`, 4 source
-//! partitions, written as the recorder writes them), copies the
+//! partitions, written as the recorder writes them: by its per-partition writers), copies the
 //! same rows with `COPY ... FROM STDIN` (baseline, one stream), prints both rates and the ratio,
 //! then appends until the log holds 1,000,000 rows and times a full verification. Without
 //! `--bench` (under `cargo test --benches`) it does the same with 5,000 and 10,000 rows.
@@ -126,17 +126,31 @@ async fn main() -> anyhow::Result<()> {
     drop(conn);
     let bare = started.elapsed();
 
-    // The recorder's writes, batch by batch as it reads them: each source partition's rows (and
-    // its offset) in a transaction of its own, the partitions concurrently.
+    // The recorder's writes, batch by batch as it reads them: each batch split by source
+    // partition, each partition's rows (and its offset) in a transaction of its own, by the
+    // partition's writer task, the partitions concurrently and each one batch ahead of its
+    // writes (as `foresight run recorder` queues them while it reads the next batch).
+    let batches: Vec<_> = data
+        .chunks(batch)
+        .map(|chunk| {
+            let mut next = std::collections::HashMap::new();
+            for (_, p) in chunk {
+                next.insert((p.topic.clone(), p.partition), p.offset + 1);
+            }
+            (chunk.to_vec(), next)
+        })
+        .collect();
     let started = Instant::now();
-    let mut inserted = 0;
-    for chunk in data.chunks(batch) {
-        let mut next = std::collections::HashMap::new();
-        for (_, p) in chunk {
-            next.insert((p.topic.clone(), p.partition), p.offset + 1);
-        }
-        inserted += foresight::recorder::record(&pool, "bench", chunk, &next).await?;
+    let mut writers = foresight::recorder::Writers::new(
+        pool.clone(),
+        "bench",
+        1,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    for (rows, next) in batches {
+        assert!(writers.submit(rows, &next).await);
     }
+    let inserted: u64 = writers.close().await.iter().map(|w| w.inserted).sum();
     let ours = started.elapsed();
     assert_eq!(inserted, n as u64);
     let rate = |d: std::time::Duration| n as f64 / d.as_secs_f64();
