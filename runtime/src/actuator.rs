@@ -236,11 +236,11 @@ pub(crate) async fn run(
                     // nothing delivered in between stops the stage. (Outcomes of a scan are
                     // made once, so they are sent again rather than made again from re-read
                     // input.)
-                    Err((e, Some(message))) if crate::runner::purged(&e) || undelivered < crate::runner::MAX_UNDELIVERED => {
+                    Err((e, Some(message))) if crate::runner::purged(&e) || !crate::runner::refused_for_good(&e) => {
                         if !crate::runner::purged(&e) {
                             undelivered += 1;
                             tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again with a new producer.");
-                            tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                            tokio::time::sleep(crate::runner::resend_pause(undelivered)).await;
                             let old = std::mem::replace(&mut producer, kafka::producer(k)?);
                             tokio::task::block_in_place(|| drop(old));
                         }

@@ -677,12 +677,12 @@ pub(crate) async fn run(
                     None => record,
                 }
             };
-            // Refused by the broker (seen once after it restarted): sent again after a pause;
-            // an error that keeps coming back stops the stage (the offset is not stored).
+            // Refused by the broker (seen once after it restarted): sent again after a pause,
+            // until the shutdown; a final refusal stops the stage (the offset is not stored).
             let mut attempt = 0;
             while let Err((source, _)) = producer.send(record(), Duration::from_secs(30)).await {
                 attempt += 1;
-                if attempt >= crate::runner::MAX_UNDELIVERED {
+                if crate::runner::refused_for_good(&source) {
                     return Err(StageError::Delivery {
                         stage: NAME,
                         topic: dl.source_topic.clone(),
@@ -692,7 +692,11 @@ pub(crate) async fn run(
                     });
                 }
                 tracing::warn!(stage = NAME, error = %source, attempt, "Dead letter not delivered; sending it again.");
-                tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                tokio::select! {
+                    // Stop without storing: the batch is re-read by whoever runs next.
+                    () = shutdown.cancelled() => break 'outer,
+                    () = tokio::time::sleep(crate::runner::resend_pause(attempt)) => {}
+                }
             }
             report.dead_letter(progress, dl.error_class);
         }

@@ -48,9 +48,33 @@ use crate::{
     watchdog::{Stall, Watchdog},
 };
 
-/// How many times in a row (with no output delivered in between) a stage replaces its producer
-/// and reads its input again after the broker refused an output, before it stops.
-pub(crate) const MAX_UNDELIVERED: u32 = 5;
+/// Whether the broker's refusal of an output is final: the same message sent again cannot be
+/// accepted (too large, malformed, not allowed, against the topic's policy). Any other refusal
+/// (seen: "unknown broker error" from a broker stopping or just restarted) is transient, and the
+/// message is sent again, without limit, until the shutdown.
+pub(crate) fn refused_for_good(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::InvalidMessage
+                | C::InvalidMessageSize
+                | C::MessageSizeTooLarge
+                | C::MessageBatchTooLarge
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::PolicyViolation
+                | C::InvalidRecord
+        )
+    )
+}
+
+/// The pause before an output refused `attempt` times in a row is sent again: 200 ms more each
+/// time, at most 5 s.
+pub(crate) fn resend_pause(attempt: u32) -> Duration {
+    Duration::from_millis(200) * attempt.min(25)
+}
 
 /// One message as a decoder sees it.
 #[derive(Debug, Clone, Copy)]
@@ -899,14 +923,14 @@ where
                     // new producer after a pause; the old producer's outputs in flight come back
                     // purged and are sent again too. (Reading the input again instead, with a
                     // new consumer, made the fleet stage close a round again without all of its
-                    // entities: another content under the same id.) An error that keeps coming
-                    // back with nothing delivered in between stops the stage.
-                    Err((e, Some(message))) if purged(&e) || undelivered < MAX_UNDELIVERED => {
+                    // entities: another content under the same id.) Only a final refusal stops
+                    // the stage.
+                    Err((e, Some(message))) if purged(&e) || !refused_for_good(&e) => {
                         if !purged(&e) {
                             undelivered += 1;
                             tracing::warn!(stage = name, error = %e, topic = message.topic(), attempt = undelivered, "Output not delivered; sending it again with a new producer.");
                             progress.stalls.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(200) * undelivered).await;
+                            tokio::time::sleep(resend_pause(undelivered)).await;
                             match kafka::producer(kafka_config) {
                                 Ok(fresh) => {
                                     let old = std::mem::replace(&mut producer, fresh);
