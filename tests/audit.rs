@@ -527,7 +527,11 @@ async fn the_recorders_writers_keep_each_partitions_order_and_offset() -> anyhow
     let now = Utc::now();
     let rows: Vec<(Row, Position)> = (0..600)
         .map(|i| {
-            let s = score(&format!("node-{:02}", i % 20), now - Duration::minutes(i), 0.1);
+            let s = score(
+                &format!("node-{:02}", i % 20),
+                now - Duration::minutes(i),
+                0.1,
+            );
             let position = Position {
                 topic: "scores".into(),
                 partition: (i % 3) as i32,

@@ -865,7 +865,19 @@ impl Processor for Scorer {
     type Output = RiskScore;
 
     fn process(&mut self, window: FeatureWindow, origin: Origin, out: &mut Vec<Output<RiskScore>>) {
-        self.now = window.end.timestamp_millis();
+        // A window met before (the feature stage published it again after a restart), or older
+        // than one scored: scoring it again would move this entity's forecasts and detectors on
+        // twice, so a scorer redoing its input from a checkpoint would not reproduce what it
+        // published (the same score id with other content). Its score went out the first time.
+        let end = window.end.timestamp_millis();
+        if window.metrics.keys().any(|name| {
+            self.series
+                .get(&(window.entity.clone(), name.clone()))
+                .is_some_and(|s| s.seen >= end)
+        }) {
+            return;
+        }
+        self.now = end;
         let window_ms = (window.end - window.start).num_milliseconds().max(1);
         let horizon_ms = self.config.horizon.as_millis() as i64;
         let steps = (horizon_ms + window_ms - 1) / window_ms;
@@ -1294,6 +1306,29 @@ mod tests {
                 w
             })
             .collect()
+    }
+
+    #[test]
+    fn a_window_met_again_is_not_scored_twice_and_changes_nothing() {
+        let ws = windows("cpu", 40, |i| 40.0 + 0.5 * i as f64 + 2.0 * noise(i));
+        let mut once = scorer(above("cpu", 95.0));
+        let expected: Vec<Option<RiskScore>> =
+            ws.iter().map(|w| score(&mut once, w.clone())).collect();
+        // Every window arrives twice (published again upstream), and one older one late.
+        let mut twice = scorer(above("cpu", 95.0));
+        for (i, w) in ws.iter().enumerate() {
+            assert_eq!(score(&mut twice, w.clone()), expected[i], "window {i}");
+            assert_eq!(score(&mut twice, w.clone()), None, "window {i} again");
+            if i >= 20 {
+                assert_eq!(
+                    score(&mut twice, ws[i - 10].clone()),
+                    None,
+                    "window {} late",
+                    i - 10
+                );
+            }
+        }
+        assert_eq!(twice.fits(), once.fits());
     }
 
     #[test]
