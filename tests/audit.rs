@@ -540,7 +540,7 @@ async fn the_recorders_writers_keep_each_partitions_order_and_offset() -> anyhow
             (row(s), position)
         })
         .collect();
-    let batches: Vec<(Vec<(Row, Position)>, HashMap<(String, i32), i64>)> = rows
+    let batches: Vec<_> = rows
         .chunks(100)
         .map(|chunk| {
             let mut next = HashMap::new();
