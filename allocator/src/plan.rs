@@ -786,26 +786,27 @@ impl Ctx<'_> {
                     Ok(steps)
                 };
             }
-            for n in &nodes {
-                self.pool.remove_from(&w, n);
-            }
+            // Everything of it on those nodes goes (two replicas on one node are two).
+            let removed: f64 = nodes.iter().map(|n| self.pool.remove_from(&w, n)).sum();
+            let replicas = if removed.fract() == 0.0 {
+                json!(removed as u64)
+            } else {
+                json!(removed)
+            };
             let nodes: Vec<Value> = nodes.iter().map(|n| json!(n.as_str())).collect();
             steps.push(Step {
                 action: act(
                     ActionKind::ScaleBack,
                     &w,
                     params([
-                        ("replicas", json!(nodes.len())),
+                        ("replicas", replicas.clone()),
                         ("nodes", Value::Array(nodes.clone())),
                     ]),
                 ),
                 inverse: Some(act(
                     ActionKind::ScaleUp,
                     &w,
-                    params([
-                        ("replicas", json!(nodes.len())),
-                        ("nodes", Value::Array(nodes)),
-                    ]),
+                    params([("replicas", replicas), ("nodes", Value::Array(nodes))]),
                 )),
                 effect: format!(
                     "less load on {e} slows its degradation; {w} keeps its minimum replicas"

@@ -27,11 +27,25 @@ impl NodeState {
     }
 }
 
-/// One placement of a workload: a whole replica (share 1) or a piece of a split one.
+/// A workload's placement on one node: its whole replicas there (share 1 each) and pieces of
+/// split ones. A workload has at most one placement per node (see [`add_share`]).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Placement {
     pub(crate) node: EntityId,
     pub(crate) share: f64,
+}
+
+/// Adds `share` of a workload on `node` to its placements: to the node's placement if it has
+/// one, so that moving or removing "the workload on a node" always moves or removes all of it
+/// there (an inventory may list a node twice for two replicas on it).
+fn add_share(placements: &mut Vec<Placement>, node: &EntityId, share: f64) {
+    match placements.iter_mut().find(|p| &p.node == node) {
+        Some(p) => p.share += share,
+        None => placements.push(Placement {
+            node: node.clone(),
+            share,
+        }),
+    }
 }
 
 /// A workload and where it runs.
@@ -187,14 +201,10 @@ impl Pool {
     }
 
     fn put_workload(&mut self, spec: Workload) {
-        let placements = spec
-            .replicas
-            .iter()
-            .map(|n| Placement {
-                node: n.clone(),
-                share: 1.0,
-            })
-            .collect();
+        let mut placements = Vec::new();
+        for n in &spec.replicas {
+            add_share(&mut placements, n, 1.0);
+        }
         self.workloads
             .insert(spec.id.clone(), WorkloadState { spec, placements });
     }
@@ -300,10 +310,7 @@ impl Pool {
                 ws.placements.remove(i);
             }
         }
-        ws.placements.push(Placement {
-            node: to.clone(),
-            share,
-        });
+        add_share(&mut ws.placements, to, share);
         let still_on_from = ws.on(from);
         self.adjust(from, req.scaled(-1.0), Resources::default());
         self.adjust(to, req, Resources::default());
@@ -321,10 +328,7 @@ impl Pool {
         let Some(ws) = self.workloads.get_mut(w) else {
             return;
         };
-        ws.placements.push(Placement {
-            node: node.clone(),
-            share: 1.0,
-        });
+        add_share(&mut ws.placements, node, 1.0);
         let req = ws.spec.requests;
         self.adjust(node, req, Resources::default());
         self.on_node
