@@ -244,11 +244,8 @@ fn copy_row(
     out.push('\n');
 }
 
-/// Creates the monthly partitions of `events` that rows at `times` go into, if they do not exist.
-pub async fn ensure_months<'c>(
-    db: impl sqlx::PgExecutor<'c>,
-    times: impl IntoIterator<Item = DateTime<Utc>>,
-) -> Result<(), sqlx::Error> {
+/// The first instants of the months of `times`, each once, in order.
+fn months_of(times: impl IntoIterator<Item = DateTime<Utc>>) -> Vec<DateTime<Utc>> {
     let mut months: Vec<DateTime<Utc>> = times
         .into_iter()
         .map(|t| {
@@ -259,8 +256,16 @@ pub async fn ensure_months<'c>(
         .collect();
     months.sort_unstable();
     months.dedup();
+    months
+}
+
+/// Creates the monthly partitions of `events` that rows at `times` go into, if they do not exist.
+pub async fn ensure_months<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    times: impl IntoIterator<Item = DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT foresight_ensure_month(m) FROM UNNEST($1::timestamptz[]) AS m")
-        .bind(&months)
+        .bind(months_of(times))
         .execute(db)
         .await?;
     Ok(())
@@ -270,9 +275,11 @@ pub async fn ensure_months<'c>(
 /// event time, e.g. a redelivery) and repeats within the batch are skipped; the rest are chained
 /// after the newest row of their chain. Returns how many rows were inserted.
 ///
-/// Chain heads are locked (in chain order, so concurrent recorders cannot deadlock) before the
-/// check for rows already recorded, so two recorders overlapping during a rebalance cannot both
-/// append the same row.
+/// Chain heads are locked (in chain order, so concurrent recorders cannot deadlock) before any
+/// row is written, so two recorders overlapping during a rebalance cannot both append the same
+/// row. The rows are written on the assumption that none is recorded yet (the usual case: a
+/// recorder reads each offset once), with no lookup per row; a row already there fails the
+/// `COPY` on the primary key, and then the batch is written again without the rows recorded.
 pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u64, sqlx::Error> {
     let mut seen = HashSet::new();
     let rows: Vec<&(Row, Position)> = rows
@@ -282,9 +289,6 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
     if rows.is_empty() {
         return Ok(0);
     }
-    // Each month's partition exists before its rows arrive.
-    ensure_months(&mut *tx, rows.iter().map(|(r, _)| r.time)).await?;
-
     let chains: Vec<String> = rows
         .iter()
         .map(|(_, p)| chain_of(&p.topic, p.partition))
@@ -292,48 +296,21 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
     let mut distinct: Vec<String> = chains.clone();
     distinct.sort_unstable();
     distinct.dedup();
-    sqlx::query(
-        "INSERT INTO audit_chain_heads (chain, seq, hash) \
-         SELECT c, 0, '\\x'::bytea FROM UNNEST($1::text[]) AS c ON CONFLICT (chain) DO NOTHING",
-    )
-    .bind(&distinct)
-    .execute(&mut *tx)
-    .await?;
-    let heads: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT chain, seq, hash FROM audit_chain_heads WHERE chain = ANY($1) ORDER BY chain FOR UPDATE",
-    )
-    .bind(&distinct)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut heads: BTreeMap<String, (i64, Vec<u8>)> =
+    // One round trip: each month's partition exists, each chain's head exists and is locked.
+    let heads: Vec<(String, i64, Vec<u8>)> =
+        sqlx::query_as("SELECT head_chain, head_seq, head_hash FROM foresight_lock_chains($1, $2)")
+            .bind(&distinct)
+            .bind(months_of(rows.iter().map(|(r, _)| r.time)))
+            .fetch_all(&mut *tx)
+            .await?;
+    let heads: BTreeMap<String, (i64, Vec<u8>)> =
         heads.into_iter().map(|(c, s, h)| (c, (s, h))).collect();
 
-    // The rows not yet recorded: their ids and times are enough to tell.
-    let fresh: Vec<i64> = sqlx::query_scalar(
-        "SELECT u.ord FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS u(id, t, ord) \
-         WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = u.id AND e.event_time = u.t) \
-         ORDER BY u.ord",
-    )
-    .bind(rows.iter().map(|(r, _)| r.id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(r, _)| r.time).collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?;
-    if fresh.is_empty() {
-        return Ok(0);
-    }
-    let fresh: Vec<(&Row, &Position, &str)> = fresh
-        .into_iter()
-        .map(|ord| {
-            let i = (ord - 1) as usize;
-            (&rows[i].0, &rows[i].1, chains[i].as_str())
-        })
-        .collect();
-
     // Each row's digest, as Postgres' `foresight_row_digest` computes it from the stored values
-    // (`verify` recomputes it there).
-    let mut digests: Vec<Vec<u8>> = Vec::with_capacity(fresh.len());
-    let mut texts: Vec<String> = Vec::with_capacity(fresh.len());
-    for (r, p, _) in &fresh {
+    // (`verify` recomputes it there), and its payload's text.
+    let mut digests: Vec<Vec<u8>> = Vec::with_capacity(rows.len());
+    let mut texts: Vec<String> = Vec::with_capacity(rows.len());
+    for (r, p) in &rows {
         let payload = jsonb_text(&r.payload);
         let digest = row_digest(r, p, &payload).ok_or_else(|| {
             sqlx::Error::Encode(
@@ -347,24 +324,41 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
         digests.push(digest);
         texts.push(payload);
     }
+    let batch = Batch {
+        rows: &rows,
+        chains: &chains,
+        digests: &digests,
+        texts: &texts,
+    };
 
-    // The new rows, chained, in one COPY: each payload crosses the wire once.
-    let mut data = String::with_capacity(fresh.len() * 512);
-    for (((r, p, chain), digest), payload) in fresh.iter().zip(&digests).zip(&texts) {
-        let head = heads.get_mut(*chain).expect("every chain's head is locked");
-        let hash = link(&head.1, digest);
-        head.0 += 1;
-        copy_row(&mut data, r, p, chain, head.0, &head.1, &hash, payload);
-        head.1 = hash;
-    }
-    let mut copy = tx
-        .copy_in_raw(
-            "COPY events (id, type, entity, event_time, schema_version, payload, source_topic, \
-             source_partition, source_offset, chain, seq, prev_hash, hash) FROM STDIN",
-        )
+    sqlx::query("SAVEPOINT foresight_append")
+        .execute(&mut *tx)
         .await?;
-    copy.send(data.into_bytes()).await?;
-    let inserted = copy.finish().await?;
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let (inserted, heads) = match batch.copy(tx, &all, heads.clone()).await {
+        Ok(done) => done,
+        Err(e) if is_unique_violation(&e) => {
+            // Some rows are recorded already (a redelivery): write only the others.
+            sqlx::query("ROLLBACK TO SAVEPOINT foresight_append")
+                .execute(&mut *tx)
+                .await?;
+            let fresh: Vec<i64> = sqlx::query_scalar(
+                "SELECT u.ord FROM UNNEST($1::uuid[], $2::timestamptz[]) WITH ORDINALITY AS u(id, t, ord) \
+                 WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = u.id AND e.event_time = u.t) \
+                 ORDER BY u.ord",
+            )
+            .bind(rows.iter().map(|(r, _)| r.id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(r, _)| r.time).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            if fresh.is_empty() {
+                return Ok(0);
+            }
+            let fresh: Vec<usize> = fresh.into_iter().map(|ord| (ord - 1) as usize).collect();
+            batch.copy(tx, &fresh, heads).await?
+        }
+        Err(e) => return Err(e),
+    };
     let (c, s, h): (Vec<&str>, Vec<i64>, Vec<&[u8]>) = heads
         .iter()
         .map(|(c, (s, h))| (c.as_str(), *s, h.as_slice()))
@@ -384,6 +378,69 @@ pub async fn append(tx: &mut PgConnection, rows: &[(Row, Position)]) -> Result<u
     .execute(&mut *tx)
     .await?;
     Ok(inserted)
+}
+
+/// Whether a write failed on a unique key (a row recorded already).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+/// A batch of rows to append, with what was computed for each row once.
+struct Batch<'a> {
+    rows: &'a [&'a (Row, Position)],
+    chains: &'a [String],
+    digests: &'a [Vec<u8>],
+    texts: &'a [String],
+}
+
+impl Batch<'_> {
+    /// Chains the rows at `which` (in order) after `heads` and writes them in one `COPY`, so each
+    /// payload crosses the wire once; the rows are sent as they are prepared, a chunk at a time,
+    /// so Postgres stores a chunk while the next is prepared. Returns the rows inserted and the
+    /// chains' new heads.
+    async fn copy(
+        &self,
+        tx: &mut PgConnection,
+        which: &[usize],
+        mut heads: BTreeMap<String, (i64, Vec<u8>)>,
+    ) -> Result<(u64, BTreeMap<String, (i64, Vec<u8>)>), sqlx::Error> {
+        const CHUNK: usize = 128 * 1024;
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY events (id, type, entity, event_time, schema_version, payload, source_topic, \
+                 source_partition, source_offset, chain, seq, prev_hash, hash) FROM STDIN",
+            )
+            .await?;
+        let mut data = String::with_capacity(CHUNK + 4096);
+        for &i in which {
+            let (r, p) = self.rows[i];
+            let chain = self.chains[i].as_str();
+            let head = heads.get_mut(chain).expect("every chain's head is locked");
+            let hash = link(&head.1, &self.digests[i]);
+            head.0 += 1;
+            copy_row(
+                &mut data,
+                r,
+                p,
+                chain,
+                head.0,
+                &head.1,
+                &hash,
+                &self.texts[i],
+            );
+            head.1 = hash;
+            if data.len() >= CHUNK {
+                copy.send(std::mem::take(&mut data).into_bytes()).await?;
+                data.reserve(CHUNK + 4096);
+            }
+        }
+        if !data.is_empty() {
+            copy.send(data.into_bytes()).await?;
+        }
+        let inserted = copy.finish().await?;
+        Ok((inserted, heads))
+    }
 }
 
 /// The first thing wrong with a chain.

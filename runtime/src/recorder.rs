@@ -237,21 +237,29 @@ impl Writers {
         rows: Vec<(Row, Position)>,
         next: &HashMap<(String, i32), i64>,
     ) -> bool {
-        let mut parts: HashMap<(String, i32), Vec<(Row, Position)>> = HashMap::new();
-        for (r, p) in rows {
-            parts
-                .entry((p.topic.clone(), p.partition))
-                .or_default()
-                .push((r, p));
-        }
-        // In a fixed order, so that two runs over the same input queue the same way.
-        let mut keys: Vec<&(String, i32)> = next.keys().collect();
+        // Each partition's rows, in a fixed order of partitions, so that two runs over the same
+        // input queue the same way.
+        let mut keys: Vec<((String, i32), i64)> =
+            next.iter().map(|(k, n)| (k.clone(), *n)).collect();
         keys.sort_unstable();
-        for key in keys {
-            let job = Job {
-                rows: parts.remove(key).unwrap_or_default(),
-                next: next[key],
-            };
+        let mut parts: Vec<Vec<(Row, Position)>> = keys.iter().map(|_| Vec::new()).collect();
+        for (r, p) in rows {
+            let at = keys.binary_search_by(|((t, q), _)| {
+                (t.as_str(), *q).cmp(&(p.topic.as_str(), p.partition))
+            });
+            match at {
+                Ok(i) => parts[i].push((r, p)),
+                // Not the caller's contract (`next` covers every row's partition); recorded
+                // all the same, with the offset after the row.
+                Err(i) => {
+                    keys.insert(i, ((p.topic.clone(), p.partition), p.offset + 1));
+                    parts.insert(i, vec![(r, p)]);
+                }
+            }
+        }
+        for ((key, next), rows) in keys.iter().zip(parts) {
+            let next = rows.iter().map(|(_, p)| p.offset + 1).fold(*next, i64::max);
+            let job = Job { rows, next };
             let queue = match self.queues.get(key) {
                 Some(q) => q.clone(),
                 None => {
