@@ -738,7 +738,9 @@ where
     // An injected fault (tests): the next acknowledgement taken for a refusal of the output
     // copied here.
     let mut refusing = false;
-    let mut refused_copy: Option<rdkafka::message::OwnedMessage> = None;
+    // The output copied for it, and the input it came from: the refusal is injected on that
+    // input's acknowledgement only (one enqueued before the fault has no copy to send again).
+    let mut refused_copy: Option<(InputPartition, i64, rdkafka::message::OwnedMessage)> = None;
     // Partitions whose input is being served again (warned once per run of it).
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
@@ -905,10 +907,16 @@ where
             Some((partition, offset, result)) = deliveries.next(), if !deliveries.is_empty() => {
                 let result = match result {
                     // An injected refusal (tests): the output landed, and is sent again too.
-                    Ok(()) if std::mem::take(&mut refusing) => Err((
-                        KafkaError::MessageProduction(RDKafkaErrorCode::Unknown),
-                        refused_copy.take(),
-                    )),
+                    Ok(()) if refused_copy
+                        .as_ref()
+                        .is_some_and(|(p, o, _)| *p == partition && *o == offset) =>
+                    {
+                        refusing = false;
+                        Err((
+                            KafkaError::MessageProduction(RDKafkaErrorCode::Unknown),
+                            refused_copy.take().map(|(_, _, m)| m),
+                        ))
+                    }
                     other => other,
                 };
                 let source = match result {
@@ -1079,7 +1087,7 @@ where
                             latency.record(data.event_time());
                             let m = data.into_message(&source);
                             if refusing && refused_copy.is_none() {
-                                refused_copy = Some(rdkafka::message::OwnedMessage::new(
+                                refused_copy = Some((partition, offset, rdkafka::message::OwnedMessage::new(
                                     Some(m.payload.clone()),
                                     Some(m.key.as_bytes().to_vec()),
                                     stage.outputs[m.route].clone(),
@@ -1087,7 +1095,7 @@ where
                                     -1,
                                     -1,
                                     Some(event_headers(&traceparent)),
-                                ));
+                                )));
                             }
                             let record = FutureRecord::to(&stage.outputs[m.route])
                                 .key(m.key.as_str())
