@@ -74,7 +74,7 @@ impl Default for AnomalyConfig {
             tail: 30,
             pooling: 24,
             alarm: 3.0,
-            refractory: 300,
+            refractory: 150,
         }
     }
 }
@@ -603,14 +603,17 @@ mod tests {
 
     #[test]
     fn a_long_incident_is_announced_once() {
-        // Alarm-level evidence every 200 values, for longer than the 300-value refractory period:
-        // each one restarts the quiet period, so only the first shows; after 300 quiet values a
-        // new incident shows again.
-        let mut d = AnomalyDetector::new(AnomalyConfig::default(), 1);
-        let alarm = AnomalyConfig::default().alarm;
+        // Alarm-level evidence every 2/3 of the refractory period, five times (longer than two
+        // periods): each one restarts the quiet period, so only the first shows; after a whole
+        // quiet period a new incident shows again.
+        let config = AnomalyConfig::default();
+        let (alarm, gap) = (config.alarm, config.refractory * 2 / 3);
+        let last = 4 * gap;
+        let next = last + config.refractory + 1;
+        let mut d = AnomalyDetector::new(config, 1);
         let mut shown = Vec::new();
-        for i in 0..1500 {
-            let evidence = if i % 200 == 0 && i < 1000 || i == 1400 {
+        for i in 0..=next {
+            let evidence = if i % gap == 0 && i <= last || i == next {
                 alarm + 0.5
             } else {
                 0.0
@@ -619,7 +622,7 @@ mod tests {
                 shown.push(i);
             }
         }
-        assert_eq!(shown, [0, 1400]);
+        assert_eq!(shown, [0, next]);
         // A much worse development inside an incident still shows, by its excess over the peak.
         assert!((d.one_alarm_per_incident(3.0 * alarm + 1.0) - (alarm + 0.5)).abs() < 1e-12);
     }
