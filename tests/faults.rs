@@ -629,7 +629,14 @@ async fn sigkill_a_random_stage_every_5_to_15_s() -> anyhow::Result<()> {
 /// themselves (same process throughout), the backlog is drained, and memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
-    let broker_dir = tempfile::tempdir()?;
+    let mut broker_dir = tempfile::tempdir()?;
+    if std::env::var_os("FORESIGHT_FAULT_KEEP").is_some() {
+        broker_dir.disable_cleanup(true);
+        eprintln!(
+            "broker-stop: broker data and log kept in {}",
+            broker_dir.path().display()
+        );
+    }
     let mut tansu = Tansu::new(broker_dir.path())?;
     tansu.start().await?;
     let world = World::new("broker-stop", 10, 600, Some(Broker::Given(tansu.address()))).await?;
@@ -675,7 +682,18 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
     tally
         .measured
         .insert("drained_after_restart_s".into(), drained.as_secs_f64());
-    tally.report()?;
+    if let Err(e) = tally.report() {
+        // What the broker said about it (it answered produce requests with an unknown error
+        // for minutes after its restart in one run).
+        let log = tansu.log();
+        let said: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        eprintln!(
+            "broker-stop: the broker's log, {} lines; the last 40:\n{}",
+            said.len(),
+            said[said.len().saturating_sub(40)..].join("\n")
+        );
+        return Err(e);
+    }
     assert!(
         rss_max <= rss_before + 64 * 1024 * 1024,
         "memory grew from {rss_before} to {rss_max} bytes while the broker was down"
@@ -883,6 +901,8 @@ enum Stall {
     EveryStage,
     /// An output refused by the broker.
     Refused,
+    /// The fleet stage's consumer alone, while scores stream in (its rounds half collected).
+    Fleet,
 }
 
 /// 5d. Every stage's consumer paused at once (the recorder's and the actuator's loops have
@@ -901,11 +921,21 @@ async fn an_output_refused_by_the_broker_is_produced_again() -> anyhow::Result<(
     stalled("refused", Stall::Refused).await
 }
 
-/// Scenario 5: the feature stage (or every stage) stalled by `kind` after the first half of the input; the
+/// 5f. The fleet stage's consumer stalled alone, while the scores of a round are still coming in:
+/// the watchdog replaces it in-process (its partitions forgotten as if revoked, its checkpoint
+/// restored, its input read again from the stored offsets), and every round it publishes after
+/// that is the replay's, content for content: no score published twice with other content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_stage_replaced_mid_round_publishes_the_same_rounds() -> anyhow::Result<()> {
+    stalled("stall-fleet", Stall::Fleet).await
+}
+
+/// Scenario 5: the feature stage (or every stage, or the fleet stage) stalled by `kind` after the first half of the input; the
 /// watchdog must find it and replace what stalled, and then everything is processed: nothing
 /// lost, nothing made twice.
 async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
-    let mut world = World::new(name, 10, 300, None).await?;
+    const ENTITIES: usize = 10;
+    let mut world = World::new(name, ENTITIES, 300, None).await?;
     world.config.runner.stall_timeout = Duration::from_secs(3);
     let observer = std::sync::Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
@@ -917,15 +947,32 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
             (world.config.clone(), observer.clone(), shutdown.clone());
         async move { foresight::run_stages_observed(&Stage::ALL, &config, observer, shutdown).await }
     });
-    let progress = observer.stage(Stage::Features);
+    let features = observer.stage(Stage::Features);
+    // The stage whose stall is watched.
+    let progress = match kind {
+        Stall::Fleet => observer.stage(Stage::Fleet),
+        _ => features,
+    };
     use std::sync::atomic::Ordering::Relaxed;
     let result = async {
         eventually("the first half read", Duration::from_secs(60), || async {
-            Ok((progress.messages.load(Relaxed) >= half as u64).then_some(()))
+            Ok((features.messages.load(Relaxed) >= half as u64).then_some(()))
         })
         .await?;
+        if let Stall::Fleet = kind {
+            // Stall it between two scores of one round if it can be caught there (each round
+            // has one score per entity), within 20 s; whether it was is measured below.
+            let since = Instant::now();
+            while since.elapsed() < Duration::from_secs(20) {
+                let read = progress.messages.load(Relaxed) as usize;
+                if read > 0 && !read.is_multiple_of(ENTITIES) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         match kind {
-            Stall::Reading => progress.inject(Fault::PauseConsumer),
+            Stall::Reading | Stall::Fleet => progress.inject(Fault::PauseConsumer),
             Stall::Refused => progress.inject(Fault::RefuseDelivery),
             Stall::EveryStage => {
                 for stage in Stage::ALL {
@@ -946,14 +993,14 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
         })
         .await?;
         let recovered = world.caught_up(Duration::from_secs(120)).await?;
-        anyhow::Ok((read_while_stalled, detected, recovered))
+        anyhow::Ok((read_while_stalled, detected, recovered, read_before))
     }
     .await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .context("stages did not stop")???;
-    let (read_while_stalled, detected, recovered) = result?;
+    let (read_while_stalled, detected, recovered, read_before) = result?;
     if let Stall::EveryStage = kind {
         // Each stage's watchdog found its own consumer stalled once input came its way.
         for stage in Stage::ALL {
@@ -962,7 +1009,7 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
         }
     }
     match kind {
-        Stall::Reading | Stall::EveryStage => assert_eq!(
+        Stall::Reading | Stall::EveryStage | Stall::Fleet => assert_eq!(
             read_while_stalled, 0,
             "the injected stall did not stop the consumer"
         ),
@@ -984,6 +1031,17 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
     tally
         .measured
         .insert("stalls".into(), progress.stalls.load(Relaxed) as f64);
+    // Records the stalled stage had read when it stopped reading; for the fleet stage (scores
+    // only: this input has no traces), a round was open unless it is a multiple of the entities.
+    tally
+        .measured
+        .insert("read_before_stall".into(), read_before as f64);
+    if let Stall::Fleet = kind {
+        tally.measured.insert(
+            "round_open_at_stall".into(),
+            f64::from(u8::from(!(read_before as usize).is_multiple_of(ENTITIES))),
+        );
+    }
     tally.report()?;
     world.finish().await
 }
