@@ -921,7 +921,10 @@ async fn an_output_refused_by_the_broker_is_produced_again() -> anyhow::Result<(
     stalled("refused", Stall::Refused).await
 }
 
-/// 5f. The fleet stage's consumer stalled alone, while the scores of a round are still coming in:
+/// 5f. The fleet stage's consumer stalled alone, while the scores of a round are still coming in
+/// (all of the input produced first, so it is caught in the middle of its stream, and some of
+/// its partitions may be read to their ends: their checkpoints must be restored without a
+/// message to restore them on):
 /// the watchdog replaces it in-process (its partitions forgotten as if revoked, its checkpoint
 /// restored, its input read again from the stored offsets), and every round it publishes after
 /// that is the replay's, content for content: no score published twice with other content.
@@ -930,18 +933,29 @@ async fn the_fleet_stage_replaced_mid_round_publishes_the_same_rounds() -> anyho
     stalled("stall-fleet", Stall::Fleet).await
 }
 
-/// Scenario 5: the feature stage (or every stage, or the fleet stage) stalled by `kind` after the first half of the input; the
-/// watchdog must find it and replace what stalled, and then everything is processed: nothing
-/// lost, nothing made twice.
+/// Scenario 5: the feature stage (or every stage) stalled by `kind` after the first half of the
+/// input, or the fleet stage in the middle of all of it; the watchdog must find it and replace
+/// what stalled, and then everything is processed: nothing lost, nothing made twice.
 async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
     const ENTITIES: usize = 10;
+    // The stages run in this process: `FORESIGHT_TEST_LOG=<filter>` shows their log.
+    if let Ok(filter) = std::env::var("FORESIGHT_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
     let mut world = World::new(name, ENTITIES, 300, None).await?;
     world.config.runner.stall_timeout = Duration::from_secs(3);
     let observer = std::sync::Arc::new(Observer::default());
     let shutdown = CancellationToken::new();
     let producer = world.producer()?;
     let half = world.records.len() / 2;
-    world.produce(&producer, 0..half).await?;
+    // The fleet stage is stalled while it streams through its input, so it gets all of it at
+    // once; the others get the second half while they are stalled.
+    let at_once = matches!(kind, Stall::Fleet);
+    let first = if at_once { world.records.len() } else { half };
+    world.produce(&producer, 0..first).await?;
     let task = tokio::spawn({
         let (config, observer, shutdown) =
             (world.config.clone(), observer.clone(), shutdown.clone());
@@ -965,7 +979,7 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
             let since = Instant::now();
             while since.elapsed() < Duration::from_secs(20) {
                 let read = progress.messages.load(Relaxed) as usize;
-                if read > 0 && !read.is_multiple_of(ENTITIES) {
+                if read >= 2 * ENTITIES && !read.is_multiple_of(ENTITIES) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -984,7 +998,9 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
         // stalled stage input.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let read_before = progress.messages.load(Relaxed);
-        world.produce(&producer, half..world.records.len()).await?;
+        if !at_once {
+            world.produce(&producer, half..world.records.len()).await?;
+        }
         let stalled_at = Instant::now();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let read_while_stalled = progress.messages.load(Relaxed) - read_before;

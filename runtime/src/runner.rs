@@ -524,6 +524,11 @@ impl Checkpoints {
             .filter(|&next| offset < next)
     }
 
+    /// Where the restored checkpoint of `source`'s partition goes on reading `source`.
+    fn resumes_at(&self, source: InputPartition) -> Option<i64> {
+        self.skip_before.get(&source).copied()
+    }
+
     /// Drops what this instance knows of `partition` (revoked, or claimed by another).
     fn forget(&mut self, partition: i32) {
         self.restored.remove(&partition);
@@ -1016,6 +1021,24 @@ where
                         if idle.contains(&p) || caught_up_at.contains_key(&p) {
                             continue;
                         }
+                        // A partition read to its end by an earlier owner (this process's
+                        // replaced consumer, or another instance) brings no message to restore
+                        // its checkpoint on: restore it here, or the state it holds (a round's
+                        // pending scores) would be missing, and waited for, for ever.
+                        if let Some(c) = &mut checkpoints
+                            && kafka::owned(&consumer).iter().any(|(t, q)| *q == p && input_index(t).is_some())
+                        {
+                            if let Err(e) = restore_retrying(c, &mut stage, p, &shutdown).await {
+                                failure = Some(e);
+                                break;
+                            }
+                            // Nothing read from it yet: its input goes on where the checkpoint
+                            // does.
+                            let first = InputPartition { input: 0, partition: p };
+                            if let (false, Some(next)) = (next_read.contains_key(&p), c.resumes_at(first)) {
+                                next_read.insert(p, next);
+                            }
+                        }
                         if tokio::task::block_in_place(|| caught_up(&consumer, &input_topics[0], p, &next_read)) {
                             caught_up_at.insert(p, tokio::time::Instant::now());
                         }
@@ -1196,8 +1219,17 @@ fn caught_up(
     p: i32,
     next_read: &std::collections::HashMap<i32, i64>,
 ) -> bool {
+    // Where reading goes on: after the last input read, or (none read since the partition was
+    // assigned) the consumer's position, or the partition's start.
+    let position = || {
+        let list = consumer.position().ok()?;
+        match list.find_partition(topic, p)?.offset() {
+            Offset::Offset(next) => Some(next),
+            _ => None,
+        }
+    };
     match consumer.fetch_watermarks(topic, p, Duration::from_secs(2)) {
-        Ok((low, high)) => next_read.get(&p).copied().unwrap_or(low) >= high,
+        Ok((low, high)) => next_read.get(&p).copied().or_else(position).unwrap_or(low) >= high,
         Err(e) => {
             tracing::debug!(partition = p, error = %e, "End offsets unknown.");
             false
