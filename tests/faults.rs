@@ -49,6 +49,15 @@ struct World {
     config_file: PathBuf,
 }
 
+/// `dir`, kept after the test (and where it is said) when `FORESIGHT_FAULT_KEEP` is set.
+fn kept_if_asked(mut dir: tempfile::TempDir, what: &str) -> tempfile::TempDir {
+    if std::env::var_os("FORESIGHT_FAULT_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("{what} kept in {}", dir.path().display());
+    }
+    dir
+}
+
 /// The broker a scenario runs on, if not a tansu of its own on sqlite storage.
 enum Broker {
     /// One the test brings (its address).
@@ -69,12 +78,7 @@ impl World {
         steps: i64,
         brokers: Option<Broker>,
     ) -> anyhow::Result<Self> {
-        // `FORESIGHT_FAULT_KEEP=1` keeps the scenario's directory (the processes' logs) after it.
-        let mut dir = tempfile::tempdir()?;
-        if std::env::var_os("FORESIGHT_FAULT_KEEP").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("{name}: logs kept in {}", dir.path().display());
-        }
+        let dir = kept_if_asked(tempfile::tempdir()?, &format!("{name}: logs"));
         let (brokers, broker) = match brokers {
             Some(Broker::Given(b)) => (b, None),
             Some(Broker::Memory) => {
@@ -629,14 +633,7 @@ async fn sigkill_a_random_stage_every_5_to_15_s() -> anyhow::Result<()> {
 /// themselves (same process throughout), the backlog is drained, and memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
-    let mut broker_dir = tempfile::tempdir()?;
-    if std::env::var_os("FORESIGHT_FAULT_KEEP").is_some() {
-        broker_dir.disable_cleanup(true);
-        eprintln!(
-            "broker-stop: broker data and log kept in {}",
-            broker_dir.path().display()
-        );
-    }
+    let broker_dir = kept_if_asked(tempfile::tempdir()?, "broker-stop: broker data and log");
     let mut tansu = Tansu::new(broker_dir.path())?;
     tansu.start().await?;
     let world = World::new("broker-stop", 10, 600, Some(Broker::Given(tansu.address()))).await?;

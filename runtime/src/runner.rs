@@ -1219,17 +1219,8 @@ fn caught_up(
     p: i32,
     next_read: &std::collections::HashMap<i32, i64>,
 ) -> bool {
-    // Where reading goes on: after the last input read, or (none read since the partition was
-    // assigned) the consumer's position, or the partition's start.
-    let position = || {
-        let list = consumer.position().ok()?;
-        match list.find_partition(topic, p)?.offset() {
-            Offset::Offset(next) => Some(next),
-            _ => None,
-        }
-    };
     match consumer.fetch_watermarks(topic, p, Duration::from_secs(2)) {
-        Ok((low, high)) => next_read.get(&p).copied().or_else(position).unwrap_or(low) >= high,
+        Ok((low, high)) => next_read.get(&p).copied().unwrap_or(low) >= high,
         Err(e) => {
             tracing::debug!(partition = p, error = %e, "End offsets unknown.");
             false
