@@ -15,9 +15,11 @@
 //!   thousand is that strange by chance) and grows linearly to `prior.anomaly` at
 //!   `prior.anomaly_full` (12). An anomaly is evidence of trouble, not a failure: alone it reaches
 //!   the high band only when it is extreme.
-//! - **`changepoint`**: Bayesian online changepoint detection (augurs' BOCPD with a Normal-Gamma
-//!   prior) over a metric's standardised history; a change of regime within the last
-//!   `changepoint_recent` windows counts as `changepoint_weight`.
+//! - **`changepoint`**: Bayesian online changepoint detection ([`changepoint`]: the Normal-Gamma
+//!   model of augurs' BOCPD, stepped once per window on a run-length posterior kept per series);
+//!   a regime that most probably began within the last `changepoint_recent` windows, in which
+//!   the newest windows stand two standard deviations apart from the ones before, counts as
+//!   `prior.changepoint`.
 //! - **`logs`**: the window's error rate and share of never-seen message templates, each beyond its
 //!   configured baseline, scaled to at most `logs_weight`.
 //!
@@ -42,11 +44,13 @@
 //! and the probability recomputed. Short histories give wide intervals.
 //!
 //! ## State
-//! The forecast and changepoint signals are pure functions of one window (its carried history).
-//! The anomaly detector keeps a bounded memory per series (`anomaly.memory` values); a series it
-//! has no state for (first sight, or after a restart) is warmed up from the window's carried
-//! history, so the same input always gives the same scores in replay, and a restarted live
-//! instance converges to them as its memory refills.
+//! Per series the scorer keeps its fitted forecast (read further along between refits, with the
+//! AutoETS model chosen at the last selection), its anomaly detector's bounded memory
+//! (`anomaly.memory` values) and its changepoint run-length posterior (at most 64 run lengths).
+//! All of it is checkpointed exactly. A series it has no state for (first sight, or after a
+//! restart without a checkpoint) is warmed up from the window's carried history, so the same
+//! input always gives the same scores in replay, and a restarted live instance converges to them
+//! as its memory refills.
 //!
 //! ```
 //! use chrono::{DateTime, Utc};
@@ -79,6 +83,7 @@
 //! ```
 
 pub mod anomaly;
+pub mod changepoint;
 pub mod fleet;
 pub mod model;
 
@@ -88,7 +93,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use augurs::{
     Predict,
-    changepoint::{Detector as _, NormalGammaDetector, dist::NormalGamma},
     ets::AutoETS,
     mstl::MSTLModel,
     prelude::Fit,
@@ -183,6 +187,11 @@ pub struct ScoringConfig {
     /// A metric's forecast is refitted every this many windows; in between, the fitted forecast
     /// is read further along (cheap), unless the series drifts.
     pub refit_every: usize,
+    /// AutoETS chooses its model (no trend, additive trend, damped trend, by AICc) at a metric's
+    /// first fit, at every drift refit and at every this many scheduled refits; the scheduled
+    /// refits in between re-estimate the chosen model only (one fit instead of three). 1 chooses
+    /// at every refit.
+    pub reselect_every: usize,
     /// Drift: a newest value further than this many forecast standard deviations from what the
     /// current fit forecast for it triggers a refit at once.
     pub drift_sigmas: f64,
@@ -249,6 +258,7 @@ impl Default for ScoringConfig {
             max_series: 200_000,
             max_contributors: 8,
             refit_every: 12,
+            reselect_every: 4,
             drift_sigmas: 3.0,
             min_season: 4,
             fleet: fleet::FleetConfig::default(),
@@ -367,6 +377,7 @@ impl ScoringConfig {
         }
         for (name, v) in [
             ("refit_every", self.refit_every),
+            ("reselect_every", self.reselect_every),
             ("max_series", self.max_series),
             ("max_contributors", self.max_contributors),
             ("prior.changepoint_recent", pr.changepoint_recent),
@@ -416,13 +427,30 @@ struct CachedForecast {
     fitted_on: usize,
     /// The model that made it, for the explanation.
     model: &'static str,
+    /// The AutoETS model chosen (not for MSTL or a constant), re-estimated alone at scheduled
+    /// refits until the next choice.
+    chosen: Option<Chosen>,
 }
 
-/// One series' state: its anomaly detector and its forecast.
+/// The form of the AutoETS model chosen at a series' last model selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Chosen {
+    /// An additive trend (else none).
+    trend: bool,
+    /// The trend is damped.
+    damped: bool,
+    /// Scheduled refits since the choice.
+    refits: u32,
+}
+
+/// One series' state: its anomaly and changepoint detectors and its forecast.
 #[derive(Debug)]
 struct Series {
     forecast: Option<CachedForecast>,
     detector: anomaly::AnomalyDetector,
+    /// Made at the series' first changepoint step (warmed up on the window's history then), so
+    /// that a series restored from a checkpoint written without it gets one too.
+    changes: Option<changepoint::ChangeDetector>,
     /// The partition its entity came from, to drop it when the partition is revoked.
     partition: i32,
     /// Event time (ms) of its last update.
@@ -543,6 +571,7 @@ impl Scorer {
             Series {
                 forecast: None,
                 detector,
+                changes: None,
                 partition,
                 seen: now,
                 dirty: true,
@@ -585,21 +614,41 @@ impl Scorer {
         }))
     }
 
-    /// A recent change of regime in a metric's history.
-    fn changepoint(&self, name: &str, stats: &MetricStats) -> Option<Signal> {
+    /// A recent change of regime in a metric: its series' changepoint detector takes the
+    /// window's mean (a detector met for the first time is warmed up on the history before it,
+    /// each new run's prior scaled by the history), and a change it dates within the newest
+    /// `changepoint_recent` windows counts if those windows also stand apart from the ones
+    /// before them.
+    fn changepoint(
+        &mut self,
+        entity: &EntityId,
+        name: &str,
+        stats: &MetricStats,
+        partition: i32,
+    ) -> Option<Signal> {
         let h = &stats.history;
-        if h.len() < self.config.min_history {
+        let reference = changepoint::Reference::of(h)?;
+        let hazard = self.config.prior.changepoint_hazard;
+        let series = self.series_mut(entity, name, stats, partition);
+        let detector = series.changes.get_or_insert_with(|| {
+            let mut d = changepoint::ChangeDetector::default();
+            for v in &h[..h.len() - 1] {
+                d.step(*v, reference, hazard);
+            }
+            d
+        });
+        let ago = detector.step(stats.mean, reference, hazard);
+        let recent = self.config.prior.changepoint_recent;
+        if h.len() < self.config.min_history || ago >= recent || ago + 1 >= h.len() {
             return None;
         }
-        let n = h.len() as f64;
-        let mean = h.iter().sum::<f64>() / n;
-        let sd = (h.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-        if sd <= mean.abs() * 1e-9 + f64::MIN_POSITIVE {
+        let sd = reference.variance.sqrt();
+        if sd <= reference.mean.abs() * 1e-9 + f64::MIN_POSITIVE {
             return None;
         }
         // A change within the newest `recent` windows must show in them: unless they stand
-        // apart from the windows before (by two of their standard deviations), skip the detector.
-        let recent = self.config.prior.changepoint_recent.min(h.len() - 2);
+        // apart from the windows before (by two of their standard deviations), it does not count.
+        let recent = recent.min(h.len() - 2);
         let (past, newest) = h.split_at(h.len() - recent);
         let past_mean = past.iter().sum::<f64>() / past.len() as f64;
         let past_sd =
@@ -608,19 +657,7 @@ impl Scorer {
         if (newest_mean - past_mean).abs() < 2.0 * past_sd {
             return None;
         }
-        let standardised: Vec<f64> = h.iter().map(|v| (v - mean) / sd).collect();
-        let prior = NormalGamma::new_unchecked(0.0, 1.0, 1.0, 1.0);
-        let mut detector =
-            NormalGammaDetector::normal_gamma(self.config.prior.changepoint_hazard, prior);
-        let last = detector
-            .detect_changepoints(&standardised)
-            .into_iter()
-            .filter(|&i| i > 0)
-            .max()?;
-        let ago = h.len() - 1 - last;
-        if ago >= self.config.prior.changepoint_recent {
-            return None;
-        }
+        let last = h.len() - 1 - ago;
         let before = h[..last].iter().sum::<f64>() / last as f64;
         let after = h[last..].iter().sum::<f64>() / (h.len() - last) as f64;
         let probability = self.config.prior.changepoint;
@@ -687,12 +724,15 @@ impl Scorer {
 
     /// Fits a forecast of `steps` steps to `history`: MSTL when the periodogram finds a season,
     /// else AutoETS; a constant series forecasts itself.
+    /// `chosen`: when the series is forecast with AutoETS (no season found), re-estimate this
+    /// model only instead of choosing one.
     fn fit(
         config: &ScoringConfig,
         model: &AutoETS,
         z: f64,
         history: &[f64],
         steps: usize,
+        chosen: Option<Chosen>,
     ) -> Option<CachedForecast> {
         let done = |points: Vec<f64>, sds: Vec<f64>, model| CachedForecast {
             points,
@@ -700,6 +740,7 @@ impl Scorer {
             age: 0,
             fitted_on: history.len(),
             model,
+            chosen: None,
         };
         if history.iter().all(|v| *v == history[0]) {
             return Some(done(vec![history[0]; steps], vec![0.0; steps], "constant"));
@@ -735,9 +776,25 @@ impl Scorer {
                 }
             }
         }
-        let fitted = model.fit(history).ok()?;
+        let refitted = chosen.and_then(|c| {
+            let spec = if c.trend { "AAN" } else { "ANN" };
+            let one = AutoETS::new(1, spec).ok()?.damped(c.damped).ok()?;
+            Some((one.fit(history).ok()?, c.refits + 1))
+        });
+        let (fitted, refits) = match refitted {
+            Some(r) => r,
+            None => (model.fit(history).ok()?, 0),
+        };
         let (points, sds) = intervals(fitted.predict(steps, config.level).ok()?)?;
-        Some(done(points, sds, "AutoETS"))
+        let form = fitted.model().model_type();
+        Some(CachedForecast {
+            chosen: Some(Chosen {
+                trend: form.trend != augurs::ets::model::TrendComponent::None,
+                damped: fitted.model().damped(),
+                refits,
+            }),
+            ..done(points, sds, "AutoETS")
+        })
     }
 
     /// The forecast of the next `steps` windows of a series: the cached fit read one window
@@ -770,11 +827,19 @@ impl Scorer {
         );
         let cached = series.forecast.take();
         let (refit_every, drift) = (self.config.refit_every, self.config.drift_sigmas);
+        // The model chosen last, to re-estimate alone at a scheduled refit (none after a drift,
+        // or when it is time to choose again).
+        let mut chosen = None;
         let kept = cached.and_then(|mut c| {
             let age = c.age + 1;
             let (mean, sd) = (*c.points.get(age - 1)?, *c.sds.get(age - 1)?);
             let drifted = (newest - mean).abs() > drift * sd.max(mean.abs() * 1e-9);
             let fresh = age < refit_every && age + steps <= c.points.len();
+            if !drifted {
+                chosen = c
+                    .chosen
+                    .filter(|k| (k.refits as usize + 1) < self.config.reselect_every);
+            }
             (fresh && !drifted).then(|| {
                 c.age = age;
                 c
@@ -790,6 +855,7 @@ impl Scorer {
                     self.z,
                     history,
                     steps + refit_every,
+                    chosen,
                 )?
             }
         };
@@ -932,7 +998,7 @@ impl Processor for Scorer {
             if let Some(a) = self.anomaly(&window.entity, name, stats, origin.partition) {
                 signals.push(a);
             }
-            if let Some(c) = self.changepoint(name, stats) {
+            if let Some(c) = self.changepoint(&window.entity, name, stats, origin.partition) {
                 signals.push(c);
             }
         }
@@ -1053,7 +1119,7 @@ impl Processor for Scorer {
                 .split_once(SERIES_KEY_SEPARATOR)
                 .ok_or_else(|| fail("not an entity and a metric".into()))?;
             let entity = EntityId::new(entity).map_err(|e| fail(e.to_string()))?;
-            let state: SeriesState = decode_state(&key, STATE_VERSION, &value)?;
+            let state = SeriesState::decode(&key, &value)?;
             let series = Series::restored(state, &self.config.anomaly, partition).map_err(fail)?;
             self.series.insert((entity, metric.to_owned()), series);
         }
@@ -1061,8 +1127,9 @@ impl Processor for Scorer {
     }
 }
 
-/// Version of the checkpointed series state encoding (postcard of [`SeriesState`]).
-const STATE_VERSION: u8 = 1;
+/// Version of the checkpointed series state encoding (postcard of [`SeriesState`]). Version 1
+/// ([`SeriesStateV1`], without the changepoint detector) is still read.
+const STATE_VERSION: u8 = 2;
 
 /// Separates entity and metric in a series' checkpoint key (entity ids hold no control
 /// characters, so the first one splits them).
@@ -1081,6 +1148,33 @@ struct SeriesState {
     forecast: Option<ForecastState>,
     detector: anomaly::DetectorState,
     seen: i64,
+    changes: Option<changepoint::ChangeDetector>,
+    chosen: Option<Chosen>,
+}
+
+/// A series' state as version 1 wrote it: no changepoint detector (one is warmed up on the
+/// history of the series' next window).
+#[derive(Debug, Serialize, Deserialize)]
+struct SeriesStateV1 {
+    forecast: Option<ForecastState>,
+    detector: anomaly::DetectorState,
+    seen: i64,
+}
+
+impl SeriesState {
+    fn decode(key: &str, value: &[u8]) -> Result<Self, StateError> {
+        if value.first() == Some(&1) {
+            let v1: SeriesStateV1 = decode_state(key, 1, value)?;
+            return Ok(Self {
+                forecast: v1.forecast,
+                detector: v1.detector,
+                seen: v1.seen,
+                changes: None,
+                chosen: None,
+            });
+        }
+        decode_state(key, STATE_VERSION, value)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -1104,6 +1198,8 @@ impl Series {
             }),
             detector: self.detector.state(),
             seen: self.seen,
+            changes: self.changes.clone(),
+            chosen: self.forecast.as_ref().and_then(|f| f.chosen),
         }
     }
 
@@ -1125,12 +1221,17 @@ impl Series {
                     age: f.age,
                     fitted_on: f.fitted_on,
                     model,
+                    chosen: state.chosen,
                 })
             }
         };
+        if let Some(changes) = &state.changes {
+            changes.validate()?;
+        }
         Ok(Self {
             forecast,
             detector: anomaly::AnomalyDetector::restored(config.clone(), state.detector)?,
+            changes: state.changes,
             partition,
             seen: state.seen,
             dirty: false,
@@ -1354,6 +1455,89 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_chosen_again_every_few_scheduled_refits_and_after_a_drift() {
+        let chosen = |s: &Scorer| {
+            s.series
+                .values()
+                .next()
+                .and_then(|x| x.forecast.as_ref())
+                .and_then(|f| f.chosen)
+        };
+        // AutoETS only (no seasons looked for).
+        let scorer = |t: Threshold| {
+            Scorer::new(ScoringConfig {
+                min_season: 0,
+                thresholds: vec![t],
+                ..ScoringConfig::default()
+            })
+            .unwrap()
+        };
+        // A gentle trend, no drift: a choice, then re-estimates of it, a choice again.
+        let mut s = scorer(above("cpu", 95.0));
+        let mut refits = Vec::new();
+        let mut fits = 0;
+        for w in windows("cpu", 120, |i| 40.0 + 0.05 * i as f64 + 0.5 * noise(i)) {
+            score(&mut s, w);
+            if s.fits() > fits {
+                fits = s.fits();
+                refits.push(chosen(&s).expect("AutoETS").refits);
+            }
+        }
+        // Each refit re-estimates (one more since the choice) or chooses again (0: on schedule
+        // after `reselect_every - 1` re-estimates, or earlier on a drift).
+        let reselect = ScoringConfig::default().reselect_every as u32;
+        assert_eq!(refits[0], 0, "{refits:?}");
+        for pair in refits.windows(2) {
+            assert!(pair[1] == 0 || pair[1] == pair[0] + 1, "{refits:?}");
+            assert!(pair[1] < reselect, "{refits:?}");
+            if pair[0] == reselect - 1 {
+                assert_eq!(pair[1], 0, "{refits:?}");
+            }
+        }
+        assert!(refits.contains(&(reselect - 1)), "{refits:?}");
+        // A jump refits with a new choice.
+        let ws = windows("cpu", 110, |i| {
+            40.0 + 0.05 * i as f64 + 0.5 * noise(i) + if i >= 105 { 30.0 } else { 0.0 }
+        });
+        let mut s = scorer(above("cpu", 95.0));
+        let mut fits = Vec::new();
+        for w in ws {
+            score(&mut s, w);
+            fits.push((s.fits(), chosen(&s).map(|c| c.refits)));
+        }
+        assert!(fits[105].0 > fits[104].0, "the jump refits: {fits:?}");
+        assert_eq!(fits[105].1, Some(0), "with a new choice: {fits:?}");
+        assert!(
+            fits[..105].iter().any(|f| f.1 > Some(0)),
+            "re-estimates before: {fits:?}"
+        );
+        // Choosing at every refit (the old way) and every fourth forecast much alike.
+        let series = |i: usize| 40.0 + 0.05 * i as f64 + 0.5 * noise(i);
+        let run = |reselect_every| {
+            let mut s = Scorer::new(ScoringConfig {
+                reselect_every,
+                min_season: 0,
+                thresholds: vec![above("cpu", 50.0)],
+                ..ScoringConfig::default()
+            })
+            .unwrap();
+            windows("cpu", 200, series)
+                .into_iter()
+                .filter_map(|w| score(&mut s, w))
+                .map(|r| r.probability)
+                .collect::<Vec<_>>()
+        };
+        let (every, fourth) = (run(1), run(4));
+        assert_eq!(every.len(), fourth.len());
+        let worst = every
+            .iter()
+            .zip(&fourth)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 0.2, "largest difference in probability {worst}");
+    }
+
+    #[test]
     fn a_seasonal_metric_is_forecast_with_mstl() {
         let mut s = scorer(above("cpu", 95.0));
         let season =
@@ -1480,6 +1664,50 @@ mod tests {
             .filter(|(w, a)| score(&mut fresh, (*w).clone()).as_ref() != Some(*a))
             .count();
         assert!(differ > 0);
+    }
+
+    #[test]
+    fn a_checkpoint_of_the_previous_version_is_read_and_rewritten_in_the_current_one() {
+        let ws = windows("cpu", 120, |i| {
+            50.0 + 5.0 * noise(i) + if i >= 110 { 40.0 } else { 0.0 }
+        });
+        let mut original = scorer(above("cpu", 95.0));
+        for w in &ws[..100] {
+            score(&mut original, w.clone());
+        }
+        let mut store = BTreeMap::new();
+        apply(&mut store, original.checkpoint(0));
+        // The same state as version 1 wrote it: without the changepoint detector.
+        let v1: Vec<(String, Vec<u8>)> = store
+            .iter()
+            .map(|(k, v)| {
+                let state = SeriesState::decode(k, v).unwrap();
+                assert!(state.changes.is_some());
+                let old = SeriesStateV1 {
+                    forecast: state.forecast,
+                    detector: state.detector,
+                    seen: state.seen,
+                };
+                (k.clone(), encode_state(1, &old))
+            })
+            .collect();
+        let mut restored = scorer(above("cpu", 95.0));
+        restored.restore(0, v1).unwrap();
+        // Its changepoint detector is warmed up on the next window's history; the level shift
+        // at window 110 is found by both.
+        let mut found = [false, false];
+        for w in &ws[100..] {
+            for (i, s) in [&mut original, &mut restored].into_iter().enumerate() {
+                let r = score(s, w.clone()).unwrap();
+                found[i] |= r.contributors.iter().any(|c| c.signal == "changepoint");
+            }
+        }
+        assert_eq!(found, [true, true]);
+        let rewritten = restored.checkpoint(0);
+        let StateChange::Put { value, .. } = &rewritten[0] else {
+            panic!("{rewritten:?}")
+        };
+        assert_eq!(value[0], STATE_VERSION);
     }
 
     #[test]

@@ -1,0 +1,365 @@
+//! Changes of regime: Bayesian online changepoint detection (Adams and MacKay, 2007), stepped once
+//! per window on a state kept per series.
+//!
+//! The model is the one augurs' BOCPD detector uses with a Normal-Gamma prior: within a run the
+//! values are Normal with unknown mean and precision, `NormalGamma(m, r, s, v)` in `rv`'s
+//! parametrisation (precision ~ Gamma(v/2, rate s/2), mean ~ Normal(m, 1/(r precision))), and a
+//! run ends after each value with probability `1 / hazard`. After every value the detector holds
+//! the posterior probability of each run length (how many values ago the current regime began).
+//!
+//! Why not augurs' detector itself: it is a batch detector (a whole history in, changepoints out),
+//! and its online core keeps every run length for as long as the series lives, so memory and the
+//! time of a step grow with the series' age. Run from scratch over a window's carried history
+//! instead, it cost up to 2,080 posterior predictive evaluations (each with two `lgamma`s) per
+//! series and window. Here a step costs at most [`MAX_RUN`] evaluations, with no `lgamma`: in a
+//! run of `n` values `v = 1 + n`, so `lnΓ((v+1)/2) - lnΓ(v/2)` follows from its predecessor by
+//! `lnΓ(a + 1) = ln a + lnΓ(a)`, tabulated once.
+//!
+//! **Bounded.** At most [`MAX_RUN`] run lengths are kept: runs of `MAX_RUN` values or more share
+//! the last slot, judged by the statistics of their newest `MAX_RUN` values (each step the oldest
+//! run is folded into the next: probabilities added, the younger run's statistics kept). So the
+//! longest regime it sees is as long as the history the feature stage carries by default.
+//!
+//! **Scale.** A new run's prior is centred on the mean of the series' recent history, with that
+//! history's variance as its scale (`NormalGamma(0, 1, 1, 1)` on standardised values, as the
+//! scorer used to run augurs' detector): the reference is taken when the run starts, so a run's
+//! posterior never changes after the fact and the step stays incremental.
+
+use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
+
+/// Most run lengths kept per series (runs this long or longer share the last one).
+pub const MAX_RUN: usize = 64;
+
+/// `lnΓ((v+1)/2) - lnΓ(v/2)` for `v = 1 + n`, `n = 0..=MAX_RUN` values in the run.
+static LN_GAMMA_RATIO: LazyLock<[f64; MAX_RUN + 1]> = LazyLock::new(|| {
+    // g(a) = lnΓ(a + 1/2) - lnΓ(a); g(1/2) = -ln(π)/2; g(a + 1/2) = ln(a) - g(a).
+    let mut g = [0.0; MAX_RUN + 1];
+    g[0] = -0.5 * std::f64::consts::PI.ln();
+    for n in 1..=MAX_RUN {
+        let a = n as f64 / 2.0;
+        g[n] = a.ln() - g[n - 1];
+    }
+    g
+});
+
+/// The prior of a run starting now: centred on `mean`, scaled by `variance` (both of the
+/// series' recent history).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reference {
+    /// Prior location of a new run's mean.
+    pub mean: f64,
+    /// Prior scale (`s` of the Normal-Gamma) of a new run, a variance.
+    pub variance: f64,
+}
+
+impl Reference {
+    /// The reference of a history: its mean, and its variance floored at a billionth of the
+    /// squared level (a constant history still gives a proper prior).
+    pub fn of(history: &[f64]) -> Option<Self> {
+        if history.is_empty() {
+            return None;
+        }
+        let n = history.len() as f64;
+        let mean = history.iter().sum::<f64>() / n;
+        let variance = history.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let floor = (mean.abs().max(1.0) * 1e-9).powi(2);
+        (mean.is_finite() && variance.is_finite()).then_some(Self {
+            mean,
+            variance: variance.max(floor),
+        })
+    }
+}
+
+/// One run length's posterior.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Run {
+    /// ln P(this run length | values so far).
+    log_p: f64,
+    /// Posterior location `m`.
+    m: f64,
+    /// Posterior `s` (prior scale plus the run's sum of squared deviations).
+    s: f64,
+}
+
+/// The run-length posterior of one series; its serialised form is its exact state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeDetector {
+    /// Run `i` holds the newest `i + 1` values (the last slot: at least `MAX_RUN`).
+    runs: Vec<Run>,
+}
+
+impl Run {
+    /// A run of `n` values (`r = v = 1 + n`) updated with `x`.
+    fn observe(self, n: usize, x: f64) -> Self {
+        let r = 1.0 + n as f64;
+        let d = x - self.m;
+        Self {
+            log_p: self.log_p,
+            m: self.m + d / (r + 1.0),
+            s: self.s + r * d * d / (r + 1.0),
+        }
+    }
+
+    /// ln of the posterior predictive density of `x` after `n` values: a Student t with
+    /// `v = 1 + n` degrees of freedom, location `m` and squared scale `s (r + 1) / (r v)`.
+    fn ln_pp(&self, n: usize, x: f64) -> f64 {
+        let r = 1.0 + n as f64;
+        let v = r;
+        let d = x - self.m;
+        let scale = self.s * (r + 1.0) / r; // v times the squared scale
+        LN_GAMMA_RATIO[n]
+            - 0.5 * (std::f64::consts::PI * scale).ln()
+            - 0.5 * (v + 1.0) * (d * d / scale).ln_1p()
+    }
+}
+
+impl ChangeDetector {
+    /// Takes the next value; returns the most probable run length (0: the regime changed at
+    /// this value; `k`: it began `k` values ago), ties to the shorter.
+    pub fn step(&mut self, x: f64, reference: Reference, hazard: f64) -> usize {
+        if !x.is_finite() {
+            return self.most_probable();
+        }
+        let prior = Run {
+            log_p: 0.0,
+            m: reference.mean,
+            s: reference.variance,
+        };
+        if self.runs.is_empty() {
+            self.runs.push(prior.observe(0, x));
+            return 0;
+        }
+        let (ln_change, ln_grow) = (-hazard.ln(), (-hazard.recip()).ln_1p());
+        // The probabilities sum to one, so a change now has prior mass `1 / hazard`.
+        let start = Run {
+            log_p: ln_change + prior.ln_pp(0, x),
+            ..prior
+        }
+        .observe(0, x);
+        for (i, run) in self.runs.iter_mut().enumerate() {
+            let n = (i + 1).min(MAX_RUN);
+            let log_p = run.log_p + ln_grow + run.ln_pp(n, x);
+            *run = Run { log_p, ..*run }.observe(n, x);
+        }
+        self.runs.insert(0, start);
+        if self.runs.len() > MAX_RUN {
+            let oldest = self.runs.pop().expect("more than MAX_RUN runs");
+            let last = self.runs.last_mut().expect("MAX_RUN runs");
+            last.log_p = log_add(last.log_p, oldest.log_p);
+        }
+        let max = self
+            .runs
+            .iter()
+            .map(|r| r.log_p)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let total = max
+            + self
+                .runs
+                .iter()
+                .map(|r| (r.log_p - max).exp())
+                .sum::<f64>()
+                .ln();
+        if total.is_finite() {
+            for run in &mut self.runs {
+                run.log_p -= total;
+            }
+        } else {
+            // Nothing explains the value (a numerical extreme): start afresh from it.
+            self.runs = vec![prior.observe(0, x)];
+        }
+        self.most_probable()
+    }
+
+    /// The most probable run length so far (0 before any value).
+    pub fn most_probable(&self) -> usize {
+        let mut best = 0;
+        for (i, run) in self.runs.iter().enumerate() {
+            if run.log_p > self.runs[best].log_p {
+                best = i;
+            }
+        }
+        best
+    }
+
+    /// The probability of each run length kept, shortest first.
+    pub fn run_lengths(&self) -> Vec<f64> {
+        self.runs.iter().map(|r| r.log_p.exp()).collect()
+    }
+
+    /// Checks a restored state: at most [`MAX_RUN`] runs, finite, probabilities summing to one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.runs.len() > MAX_RUN {
+            return Err(format!(
+                "{} run lengths; at most {MAX_RUN} are kept",
+                self.runs.len()
+            ));
+        }
+        if self
+            .runs
+            .iter()
+            .any(|r| !(r.log_p <= 0.0 && r.m.is_finite() && r.s.is_finite() && r.s > 0.0))
+        {
+            return Err("a run length with a non-finite or impossible posterior".into());
+        }
+        let total: f64 = self.run_lengths().iter().sum();
+        if !self.runs.is_empty() && (total - 1.0).abs() > 1e-6 {
+            return Err(format!("run-length probabilities sum to {total}, not 1"));
+        }
+        Ok(())
+    }
+}
+
+/// ln(e^a + e^b).
+fn log_add(a: f64, b: f64) -> f64 {
+    let (hi, lo) = if a >= b { (a, b) } else { (b, a) };
+    if lo == f64::NEG_INFINITY {
+        hi
+    } else {
+        hi + (lo - hi).exp().ln_1p()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use augurs::changepoint::{Detector as _, NormalGammaDetector, dist::NormalGamma};
+    use distrs::StudentsT;
+
+    fn noise(i: usize) -> f64 {
+        // Deterministic, roughly uniform in [-0.5, 0.5).
+        let x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+
+    /// Steps a detector through `values` with a fixed reference; the most probable run length
+    /// after each.
+    fn run(values: &[f64], reference: Reference) -> (ChangeDetector, Vec<usize>) {
+        let mut d = ChangeDetector::default();
+        let ml = values
+            .iter()
+            .map(|v| d.step(*v, reference, 250.0))
+            .collect();
+        (d, ml)
+    }
+
+    #[test]
+    fn the_predictive_density_is_the_student_t() {
+        // After n values a run's predictive is a t with v = 1 + n degrees of freedom, location m
+        // and scale sqrt(s (r + 1) / (r v)).
+        for n in [0, 1, 2, 7, 30, MAX_RUN] {
+            let run = Run {
+                log_p: 0.0,
+                m: 3.5,
+                s: 2.25 * (1 + n) as f64,
+            };
+            let (r, v) = ((1 + n) as f64, (1 + n) as f64);
+            let scale = (run.s * (r + 1.0) / (r * v)).sqrt();
+            for x in [-4.0, 0.0, 3.5, 5.0, 40.0] {
+                let expected = (StudentsT::pdf((x - run.m) / scale, v) / scale).ln();
+                let got = run.ln_pp(n, x);
+                assert!(
+                    (got - expected).abs() < 1e-9 * expected.abs().max(1.0),
+                    "n {n}, x {x}: {got} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_level_shift_is_found_where_it_happened_and_agrees_with_augurs() {
+        let reference = Reference {
+            mean: 0.0,
+            variance: 1.0,
+        };
+        for shift_at in [20, 35, 50] {
+            let values: Vec<f64> = (0..60)
+                .map(|i| 0.3 * noise(i) + if i >= shift_at { 2.0 } else { 0.0 })
+                .collect();
+            let (_, ml) = run(&values, reference);
+            // Before the shift, one regime since the first value; at and after it, the new one.
+            assert_eq!(ml[shift_at - 1], shift_at - 1, "{ml:?}");
+            for (t, &l) in ml.iter().enumerate().skip(shift_at + 1) {
+                assert_eq!(l, t - shift_at, "at {t}: {ml:?}");
+            }
+            // augurs' batch detector, on the same (already standardised) values, finds the same
+            // change (its path of most probable run lengths dates it one value earlier: at the
+            // last value of the old regime).
+            let mut batch = NormalGammaDetector::normal_gamma(
+                250.0,
+                NormalGamma::new_unchecked(0.0, 1.0, 1.0, 1.0),
+            );
+            let found = batch.detect_changepoints(&values);
+            assert_eq!(found.last(), Some(&(shift_at - 1)), "{found:?}");
+        }
+    }
+
+    #[test]
+    fn the_reference_makes_it_scale_free() {
+        let values: Vec<f64> = (0..80)
+            .map(|i| noise(i) + if i >= 50 { 3.0 } else { 0.0 })
+            .collect();
+        let unit = Reference::of(&values[..50]).unwrap();
+        let (_, ml) = run(&values, unit);
+        for (scale, offset) in [(1e-3, 0.0), (1e4, 5e4), (7.0, -300.0)] {
+            let scaled: Vec<f64> = values.iter().map(|v| v * scale + offset).collect();
+            let (_, ml_scaled) = run(&scaled, Reference::of(&scaled[..50]).unwrap());
+            assert_eq!(ml, ml_scaled, "scale {scale}, offset {offset}");
+        }
+    }
+
+    #[test]
+    fn its_state_is_bounded_normalised_and_exact_after_a_round_trip() {
+        let reference = Reference {
+            mean: 10.0,
+            variance: 4.0,
+        };
+        let values: Vec<f64> = (0..500)
+            .map(|i| 10.0 + 2.0 * noise(i) + if (i / 150) % 2 == 1 { 6.0 } else { 0.0 })
+            .collect();
+        let (mut d, ml) = run(&values[..300], reference);
+        assert_eq!(d.runs.len(), MAX_RUN);
+        d.validate().unwrap();
+        // A regime longer than MAX_RUN is held in the last slot.
+        assert_eq!(ml[140], MAX_RUN - 1, "{:?}", &ml[100..150]);
+        assert!(ml[150..153].iter().all(|&l| l < 3), "{:?}", &ml[148..155]);
+        let bytes = foresight_events::encode_state(1, &d);
+        let mut restored: ChangeDetector =
+            foresight_events::decode_state("series", 1, &bytes).unwrap();
+        for v in &values[300..] {
+            assert_eq!(
+                d.step(*v, reference, 250.0),
+                restored.step(*v, reference, 250.0)
+            );
+        }
+        assert_eq!(d, restored);
+    }
+
+    #[test]
+    fn stationary_noise_rarely_looks_like_a_change() {
+        let values: Vec<f64> = (0..2_000).map(noise).collect();
+        let reference = Reference::of(&values[..64]).unwrap();
+        let (_, ml) = run(&values, reference);
+        let recent = ml[64..].iter().filter(|&&l| l < 2).count();
+        assert!(recent <= 20, "{recent} of 1,936 steps saw a change");
+    }
+
+    #[test]
+    fn constant_and_bad_values_are_handled() {
+        let reference = Reference::of(&[5.0; 10]).unwrap();
+        let (mut d, _) = run(&[5.0; 100], reference);
+        d.validate().unwrap();
+        assert_eq!(d.step(f64::NAN, reference, 250.0), d.most_probable());
+        assert_eq!(d.step(6.0, reference, 250.0), 0);
+        d.validate().unwrap();
+        let bad = ChangeDetector {
+            runs: vec![Run {
+                log_p: 0.0,
+                m: 1.0,
+                s: -1.0,
+            }],
+        };
+        assert!(bad.validate().is_err());
+    }
+}
