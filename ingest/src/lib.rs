@@ -58,11 +58,12 @@ mod native;
 mod otlp;
 mod prometheus;
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use chrono::{DateTime, Utc};
 pub use foresight_events::Telemetry;
 use foresight_events::{ErrorClass, MetricSample, Rejection};
+use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 
 pub use native::NATIVE_SCHEMA_VERSION;
@@ -248,6 +249,17 @@ impl Decoder {
     }
 }
 
+/// The keys that tell the JSON formats apart: OTLP's three, Prometheus' metric name.
+static FORMAT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        &b"\"resourceMetrics\""[..],
+        b"\"resourceLogs\"",
+        b"\"resourceSpans\"",
+        b"\"__name__\"",
+    ]
+    .map(Finder::new)
+});
+
 /// The format of one message: the configured one, or (for [`Format::Auto`]) what the content
 /// type and the first bytes say.
 pub fn detect(configured: Format, content_type: Option<&str>, bytes: &[u8]) -> Format {
@@ -283,10 +295,11 @@ pub fn detect(configured: Format, content_type: Option<&str>, bytes: &[u8]) -> F
     }
     // Peek at the first few hundred bytes for the keys that tell the JSON formats apart.
     let head = &bytes[start..bytes.len().min(start + 512)];
-    let has = |needle: &[u8]| head.windows(needle.len()).any(|w| w == needle);
-    if has(b"\"resourceMetrics\"") || has(b"\"resourceLogs\"") || has(b"\"resourceSpans\"") {
+    let has = |finder: &Finder<'static>| finder.find(head).is_some();
+    let [metrics, logs, spans, name] = &*FORMAT_KEYS;
+    if has(metrics) || has(logs) || has(spans) {
         Format::OtlpJson
-    } else if has(b"\"__name__\"") {
+    } else if has(name) {
         Format::Prometheus
     } else {
         Format::Native
@@ -307,10 +320,16 @@ mod tests {
             detect(Format::Auto, Some("application/x-protobuf"), b"{}"),
             Format::OtlpProto
         );
-        assert_eq!(
-            detect(Format::Auto, None, br#" {"resourceMetrics":[]}"#),
-            Format::OtlpJson
-        );
+        for otlp in [
+            &br#" {"resourceMetrics":[]}"#[..],
+            br#"{"resourceLogs":[]}"#,
+            br#"{"resourceSpans":[]}"#,
+        ] {
+            assert_eq!(detect(Format::Auto, None, otlp), Format::OtlpJson);
+        }
+        // Only the first 512 bytes are looked at.
+        let late = format!(r#"{{"pad":"{}","resourceLogs":[]}}"#, " ".repeat(600));
+        assert_eq!(detect(Format::Auto, None, late.as_bytes()), Format::Native);
         assert_eq!(
             detect(
                 Format::Auto,
