@@ -529,29 +529,9 @@ impl Scorer {
         self.series.len()
     }
 
-    /// The state of a series, created (its detector warmed up on the window's history before
-    /// the newest value) when it is new, and marked as seen now.
-    fn series_mut(
-        &mut self,
-        entity: &EntityId,
-        name: &str,
-        stats: &MetricStats,
-        partition: i32,
-    ) -> &mut Series {
-        let anomaly = &self.config.anomaly;
-        Self::series_in(
-            &mut self.series,
-            self.now,
-            anomaly,
-            entity,
-            name,
-            stats,
-            partition,
-        )
-    }
-
-    /// [`Scorer::series_mut`] on the map alone, so the rest of the scorer stays usable while
-    /// the series is borrowed.
+    /// The state of a series, created (its anomaly detector warmed up on the window's history
+    /// before the newest value) when it is new, and marked as seen now. On the map alone, so the
+    /// rest of the scorer stays usable while the series is borrowed.
     fn series_in<'a>(
         map: &'a mut HashMap<(EntityId, String), Series>,
         now: i64,
@@ -585,16 +565,8 @@ impl Scorer {
 
     /// The anomaly signal of one series: its detector takes the window's mean (a detector met for
     /// the first time is warmed up on the history before it).
-    fn anomaly(
-        &mut self,
-        entity: &EntityId,
-        name: &str,
-        stats: &MetricStats,
-        partition: i32,
-    ) -> Option<Signal> {
-        let series = self.series_mut(entity, name, stats, partition);
+    fn anomaly(pr: &Prior, series: &mut Series, name: &str, stats: &MetricStats) -> Option<Signal> {
         let a = series.detector.update(&[stats.mean]);
-        let pr = &self.config.prior;
         let strength =
             ((a.evidence - pr.anomaly_from) / (pr.anomaly_full - pr.anomaly_from)).clamp(0.0, 1.0);
         if strength <= 0.0 {
@@ -620,16 +592,14 @@ impl Scorer {
     /// `changepoint_recent` windows counts if those windows also stand apart from the ones
     /// before them.
     fn changepoint(
-        &mut self,
-        entity: &EntityId,
+        config: &ScoringConfig,
+        series: &mut Series,
         name: &str,
         stats: &MetricStats,
-        partition: i32,
     ) -> Option<Signal> {
         let h = &stats.history;
         let reference = changepoint::Reference::of(h)?;
-        let hazard = self.config.prior.changepoint_hazard;
-        let series = self.series_mut(entity, name, stats, partition);
+        let hazard = config.prior.changepoint_hazard;
         let detector = series.changes.get_or_insert_with(|| {
             let mut d = changepoint::ChangeDetector::default();
             for v in &h[..h.len() - 1] {
@@ -638,8 +608,8 @@ impl Scorer {
             d
         });
         let ago = detector.step(stats.mean, reference, hazard);
-        let recent = self.config.prior.changepoint_recent;
-        if h.len() < self.config.min_history || ago >= recent || ago + 1 >= h.len() {
+        let recent = config.prior.changepoint_recent;
+        if h.len() < config.min_history || ago >= recent || ago + 1 >= h.len() {
             return None;
         }
         let sd = reference.variance.sqrt();
@@ -660,7 +630,7 @@ impl Scorer {
         let last = h.len() - 1 - ago;
         let before = h[..last].iter().sum::<f64>() / last as f64;
         let after = h[last..].iter().sum::<f64>() / (h.len() - last) as f64;
-        let probability = self.config.prior.changepoint;
+        let probability = config.prior.changepoint;
         Some(Signal::point(Contributor {
             forecast_interval: None,
             signal: "changepoint".into(),
@@ -995,12 +965,18 @@ impl Processor for Scorer {
         }
         self.config.thresholds = thresholds;
         for (name, stats) in &window.metrics {
-            if let Some(a) = self.anomaly(&window.entity, name, stats, origin.partition) {
-                signals.push(a);
-            }
-            if let Some(c) = self.changepoint(&window.entity, name, stats, origin.partition) {
-                signals.push(c);
-            }
+            // One lookup per series for both detectors.
+            let series = Self::series_in(
+                &mut self.series,
+                self.now,
+                &self.config.anomaly,
+                &window.entity,
+                name,
+                stats,
+                origin.partition,
+            );
+            signals.extend(Self::anomaly(&self.config.prior, series, name, stats));
+            signals.extend(Self::changepoint(&self.config, series, name, stats));
         }
         if let Some(l) = window.logs.as_ref().and_then(|l| self.logs(l)) {
             signals.push(l);
