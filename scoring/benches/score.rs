@@ -78,7 +78,7 @@ fn window(entities: &[EntityId], e: usize, t: usize) -> FeatureWindow {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let (n_entities, warmup, measured) = if full { (500, 12, 24) } else { (10, 2, 3) };
+    let (n_entities, warmup, measured) = if full { (500, 12, 48) } else { (10, 2, 3) };
     let entities: Vec<EntityId> = (0..n_entities)
         .map(|i| EntityId::new(format!("node-{i:05}")).unwrap())
         .collect();
