@@ -13,6 +13,10 @@
 //! `g = I_k / Σ I_j` exceeds `x` with probability at most `m·(1 − x)^(m−1)` (Fisher, 1929; `m`
 //! ordinates; the first term of the exact distribution, an upper bound and accurate where it is
 //! small). The period is `n/k` rounded, when that probability is below [`SIGNIFICANCE`].
+//!
+//! Known limit: the periods are resolved only as finely as the Fourier frequencies of the
+//! history, so a strong cycle a little longer than a third of it (24 windows in 60) leaks into
+//! the longest period looked for (20) and is modelled with that.
 
 /// The largest chance of white noise showing a season this strong for it to be modelled.
 pub(crate) const SIGNIFICANCE: f64 = 0.01;
