@@ -70,12 +70,10 @@ impl EtsFilter {
             } else if d1.abs() > f64::EPSILON * points[0].abs().max(1.0) * 1e3 {
                 d2 / d1
             } else {
-                let c3 = (sds[3.min(sds.len() - 1)].powi(2) / sigma2 - 1.0 - r3)
-                    .max(0.0)
-                    .sqrt();
                 if sds.len() < 4 || (c2 - c1).abs() < f64::EPSILON {
                     return None;
                 }
+                let c3 = (sds[3].powi(2) / sigma2 - 1.0 - r3).max(0.0).sqrt();
                 (c3 - c2) / (c2 - c1)
             };
             if !(phi.is_finite() && phi > 0.0 && phi <= 1.0) {

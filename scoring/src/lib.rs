@@ -1180,31 +1180,40 @@ struct SeriesStateV1 {
     seen: i64,
 }
 
+impl From<SeriesStateV1> for SeriesStateV2 {
+    fn from(v1: SeriesStateV1) -> Self {
+        Self {
+            forecast: v1.forecast,
+            detector: v1.detector,
+            seen: v1.seen,
+            changes: None,
+            chosen: None,
+        }
+    }
+}
+
+impl From<SeriesStateV2> for SeriesState {
+    fn from(v2: SeriesStateV2) -> Self {
+        Self {
+            forecast: v2.forecast,
+            detector: v2.detector,
+            seen: v2.seen,
+            changes: v2.changes,
+            chosen: v2.chosen,
+            filter: None,
+        }
+    }
+}
+
 impl SeriesState {
     fn decode(key: &str, value: &[u8]) -> Result<Self, StateError> {
-        if value.first() == Some(&1) {
-            let v1: SeriesStateV1 = decode_state(key, 1, value)?;
-            return Ok(Self {
-                forecast: v1.forecast,
-                detector: v1.detector,
-                seen: v1.seen,
-                changes: None,
-                chosen: None,
-                filter: None,
-            });
+        match value.first() {
+            Some(1) => {
+                Ok(SeriesStateV2::from(decode_state::<SeriesStateV1>(key, 1, value)?).into())
+            }
+            Some(2) => Ok(decode_state::<SeriesStateV2>(key, 2, value)?.into()),
+            _ => decode_state(key, STATE_VERSION, value),
         }
-        if value.first() == Some(&2) {
-            let v2: SeriesStateV2 = decode_state(key, 2, value)?;
-            return Ok(Self {
-                forecast: v2.forecast,
-                detector: v2.detector,
-                seen: v2.seen,
-                changes: v2.changes,
-                chosen: v2.chosen,
-                filter: None,
-            });
-        }
-        decode_state(key, STATE_VERSION, value)
     }
 }
 
