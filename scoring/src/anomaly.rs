@@ -188,6 +188,8 @@ pub struct AnomalyDetector {
     alarm: Option<(f64, usize)>,
     /// Scratch: the nearest distances found so far.
     nearest: Vec<f64>,
+    /// Scratch: the inverse variance of each dimension over the memory.
+    inv_var: Vec<f64>,
 }
 
 impl AnomalyDetector {
@@ -203,6 +205,7 @@ impl AnomalyDetector {
             surprises: VecDeque::with_capacity(config.pooling),
             alarm: None,
             nearest: Vec::with_capacity(config.neighbours + 1),
+            inv_var: Vec::with_capacity(dims),
             dims,
             config,
         }
@@ -308,16 +311,14 @@ impl AnomalyDetector {
         }
         // Inverse variance per dimension; a constant dimension gets a tiny scale, so any change
         // in it is far.
-        let inv_var: Vec<f64> = self
-            .sums
-            .iter()
-            .map(|&(s, sq)| {
-                let mean = s / n as f64;
-                let var = (sq / n as f64 - mean * mean).max(0.0);
-                let floor = (1e-6 * mean.abs().max(1e-3)).powi(2);
-                1.0 / var.max(floor)
-            })
-            .collect();
+        self.inv_var.clear();
+        self.inv_var.extend(self.sums.iter().map(|&(s, sq)| {
+            let mean = s / n as f64;
+            let var = (sq / n as f64 - mean * mean).max(0.0);
+            let floor = (1e-6 * mean.abs().max(1e-3)).powi(2);
+            1.0 / var.max(floor)
+        }));
+        let inv_var = self.inv_var.as_slice();
         let (values, _) = self.values.as_slices();
         // Contiguous storage makes the inner loop simple; the deque is contiguous most of the time.
         let owned;
@@ -332,10 +333,14 @@ impl AnomalyDetector {
         let mut worst_kept = f64::INFINITY;
         for end in (w - 1)..=(n - 1 - w) {
             let past = &values[(end + 1 - w) * dims..(end + 1) * dims];
+            // Row by row (one value of every dimension), giving up once it is no nearer than
+            // the farthest of the nearest kept.
             let mut d2 = 0.0;
-            for (i, (a, b)) in past.iter().zip(newest).enumerate() {
-                let diff = a - b;
-                d2 += diff * diff * inv_var[i % dims];
+            for (a, b) in past.chunks_exact(dims).zip(newest.chunks_exact(dims)) {
+                for ((a, b), iv) in a.iter().zip(b).zip(inv_var) {
+                    let diff = a - b;
+                    d2 += diff * diff * iv;
+                }
                 if d2 >= worst_kept {
                     break;
                 }

@@ -13,7 +13,9 @@
 //! instead, it cost up to 2,080 posterior predictive evaluations (each with two `lgamma`s) per
 //! series and window. Here a step costs at most [`MAX_RUN`] evaluations, with no `lgamma`: in a
 //! run of `n` values `v = 1 + n`, so `lnΓ((v+1)/2) - lnΓ(v/2)` follows from its predecessor by
-//! `lnΓ(a + 1) = ln a + lnΓ(a)`, tabulated once.
+//! `lnΓ(a + 1) = ln a + lnΓ(a)`, tabulated once; and one logarithm per run: each run keeps `ln s`,
+//! and the predictive density's `ln(scale + d²)` is `ln s'` of the run updated with the value
+//! (plus a tabulated constant), which that run's next step reuses as its `ln s`.
 //!
 //! **Bounded.** At most [`MAX_RUN`] run lengths are kept: runs of `MAX_RUN` values or more share
 //! the last slot, judged by the statistics of their newest `MAX_RUN` values (each step the oldest
@@ -25,7 +27,7 @@
 //! scorer used to run augurs' detector): the reference is taken when the run starts, so a run's
 //! posterior never changes after the fact and the step stays incremental.
 
-use std::sync::LazyLock;
+use std::{collections::VecDeque, sync::LazyLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +45,13 @@ static LN_GAMMA_RATIO: LazyLock<[f64; MAX_RUN + 1]> = LazyLock::new(|| {
     }
     g
 });
+
+/// `ln((r + 1) / r)` for `r = 1 + n`, `n = 0..=MAX_RUN` values in the run.
+static LN_R_RATIO: LazyLock<[f64; MAX_RUN + 1]> =
+    LazyLock::new(|| std::array::from_fn(|n| ((n as f64 + 2.0) / (n as f64 + 1.0)).ln()));
+
+/// `ln(π) / 2`.
+const HALF_LN_PI: f64 = 0.572_364_942_924_700_1;
 
 /// The prior of a run starting now: centred on `mean`, scaled by `variance` (both of the
 /// series' recent history).
@@ -81,37 +90,75 @@ struct Run {
     m: f64,
     /// Posterior `s` (prior scale plus the run's sum of squared deviations).
     s: f64,
+    /// `ln s`: not stored, it follows from `s` (restored by [`ChangeDetector`]'s deserialisation).
+    #[serde(skip)]
+    ln_s: f64,
 }
 
-/// The run-length posterior of one series; its serialised form is its exact state.
+/// The run-length posterior of one series; its serialised form is its exact state (the runs,
+/// shortest first, as a sequence).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct ChangeDetector {
     /// Run `i` holds the newest `i + 1` values (the last slot: at least `MAX_RUN`).
-    runs: Vec<Run>,
+    runs: VecDeque<Run>,
+}
+
+/// A detector as stored: what is derived is derived again on reading it.
+#[derive(Deserialize)]
+struct Stored {
+    runs: VecDeque<Run>,
+}
+
+impl From<Stored> for ChangeDetector {
+    fn from(stored: Stored) -> Self {
+        let runs = stored
+            .runs
+            .into_iter()
+            .map(|r| Run {
+                ln_s: r.s.ln(),
+                ..r
+            })
+            .collect();
+        Self { runs }
+    }
 }
 
 impl Run {
-    /// A run of `n` values (`r = v = 1 + n`) updated with `x`.
-    fn observe(self, n: usize, x: f64) -> Self {
-        let r = 1.0 + n as f64;
-        let d = x - self.m;
+    /// A run's prior: no values yet.
+    fn prior(log_p: f64, reference: Reference) -> Self {
         Self {
-            log_p: self.log_p,
-            m: self.m + d / (r + 1.0),
-            s: self.s + r * d * d / (r + 1.0),
+            log_p,
+            m: reference.mean,
+            s: reference.variance,
+            ln_s: reference.variance.ln(),
         }
     }
 
-    /// ln of the posterior predictive density of `x` after `n` values: a Student t with
-    /// `v = 1 + n` degrees of freedom, location `m` and squared scale `s (r + 1) / (r v)`.
-    fn ln_pp(&self, n: usize, x: f64) -> f64 {
+    /// This run of `n` values (`r = v = 1 + n`) with its probability multiplied by the
+    /// posterior predictive density of `x` (and by `grow`, the prior probability that the run
+    /// goes on), then updated with `x`.
+    ///
+    /// The predictive is a Student t with `v = 1 + n` degrees of freedom, location `m` and
+    /// squared scale `scale / v`, `scale = s (r + 1) / r`:
+    /// `ln pp = lnΓ((v+1)/2) - lnΓ(v/2) - ln(π scale)/2 - (v+1)/2 ln(1 + d²/scale)`.
+    /// With `s' = s + r d² / (r + 1)` (the updated run's), `scale + d² = s' (r + 1) / r`, so
+    /// `ln(1 + d²/scale) = ln s' - ln s`: one logarithm, whose value the next step reuses.
+    fn grown(self, n: usize, x: f64, grow: f64) -> Self {
         let r = 1.0 + n as f64;
-        let v = r;
         let d = x - self.m;
-        let scale = self.s * (r + 1.0) / r; // v times the squared scale
-        LN_GAMMA_RATIO[n]
-            - 0.5 * (std::f64::consts::PI * scale).ln()
-            - 0.5 * (v + 1.0) * (d * d / scale).ln_1p()
+        let s = self.s + r * d * d / (r + 1.0);
+        let ln_s = s.ln();
+        let ln_pp = LN_GAMMA_RATIO[n]
+            - HALF_LN_PI
+            - 0.5 * (self.ln_s + LN_R_RATIO[n])
+            - 0.5 * (r + 1.0) * (ln_s - self.ln_s);
+        Self {
+            log_p: self.log_p + grow + ln_pp,
+            m: self.m + d / (r + 1.0),
+            s,
+            ln_s,
+        }
     }
 }
 
@@ -122,31 +169,22 @@ impl ChangeDetector {
         if !x.is_finite() {
             return self.most_probable();
         }
-        let prior = Run {
-            log_p: 0.0,
-            m: reference.mean,
-            s: reference.variance,
-        };
         if self.runs.is_empty() {
-            self.runs.push(prior.observe(0, x));
+            self.runs
+                .push_back(Run::prior(0.0, reference).grown(0, x, 0.0));
+            self.runs[0].log_p = 0.0;
             return 0;
         }
         let (ln_change, ln_grow) = (-hazard.ln(), (-hazard.recip()).ln_1p());
         // The probabilities sum to one, so a change now has prior mass `1 / hazard`.
-        let start = Run {
-            log_p: ln_change + prior.ln_pp(0, x),
-            ..prior
-        }
-        .observe(0, x);
+        let start = Run::prior(ln_change, reference).grown(0, x, 0.0);
         for (i, run) in self.runs.iter_mut().enumerate() {
-            let n = (i + 1).min(MAX_RUN);
-            let log_p = run.log_p + ln_grow + run.ln_pp(n, x);
-            *run = Run { log_p, ..*run }.observe(n, x);
+            *run = run.grown(i + 1, x, ln_grow);
         }
-        self.runs.insert(0, start);
+        self.runs.push_front(start);
         if self.runs.len() > MAX_RUN {
-            let oldest = self.runs.pop().expect("more than MAX_RUN runs");
-            let last = self.runs.last_mut().expect("MAX_RUN runs");
+            let oldest = self.runs.pop_back().expect("more than MAX_RUN runs");
+            let last = self.runs.back_mut().expect("MAX_RUN runs");
             last.log_p = log_add(last.log_p, oldest.log_p);
         }
         let max = self
@@ -167,7 +205,9 @@ impl ChangeDetector {
             }
         } else {
             // Nothing explains the value (a numerical extreme): start afresh from it.
-            self.runs = vec![prior.observe(0, x)];
+            let mut fresh = Run::prior(0.0, reference).grown(0, x, 0.0);
+            fresh.log_p = 0.0;
+            self.runs = VecDeque::from([fresh]);
         }
         self.most_probable()
     }
@@ -249,16 +289,18 @@ mod tests {
         // After n values a run's predictive is a t with v = 1 + n degrees of freedom, location m
         // and scale sqrt(s (r + 1) / (r v)).
         for n in [0, 1, 2, 7, 30, MAX_RUN] {
+            let s = 2.25 * (1 + n) as f64;
             let run = Run {
                 log_p: 0.0,
                 m: 3.5,
-                s: 2.25 * (1 + n) as f64,
+                s,
+                ln_s: s.ln(),
             };
             let (r, v) = ((1 + n) as f64, (1 + n) as f64);
             let scale = (run.s * (r + 1.0) / (r * v)).sqrt();
             for x in [-4.0, 0.0, 3.5, 5.0, 40.0] {
                 let expected = (StudentsT::pdf((x - run.m) / scale, v) / scale).ln();
-                let got = run.ln_pp(n, x);
+                let got = run.grown(n, x, 0.0).log_p;
                 assert!(
                     (got - expected).abs() < 1e-9 * expected.abs().max(1.0),
                     "n {n}, x {x}: {got} vs {expected}"
@@ -354,11 +396,12 @@ mod tests {
         assert_eq!(d.step(6.0, reference, 250.0), 0);
         d.validate().unwrap();
         let bad = ChangeDetector {
-            runs: vec![Run {
+            runs: VecDeque::from([Run {
                 log_p: 0.0,
                 m: 1.0,
                 s: -1.0,
-            }],
+                ln_s: f64::NAN,
+            }]),
         };
         assert!(bad.validate().is_err());
     }
