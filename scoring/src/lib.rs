@@ -191,7 +191,9 @@ pub struct ScoringConfig {
     pub max_contributors: usize,
     /// A metric's forecast is refitted every this many windows; in between, each window's value
     /// moves the fitted AutoETS model's state on with its fitted parameters and the forecast is
-    /// read from there (an MSTL forecast is read further along), unless the series drifts.
+    /// read from there, unless the series drifts. A forecast whose state is not carried forward
+    /// (MSTL's) is only read further along, so it goes stale: it is refitted four times as often
+    /// (every `refit_every / 4` windows, at least every window).
     pub refit_every: usize,
     /// AutoETS chooses its model (no trend, additive trend, damped trend, by AICc) at a metric's
     /// first fit, at every drift refit and at every this many scheduled refits; the scheduled
@@ -826,9 +828,15 @@ impl Scorer {
                 None => (*c.points.get(age - 1)?, *c.sds.get(age - 1)?),
             };
             let drifted = (newest - mean).abs() > drift * sd.max(mean.abs() * 1e-9);
-            // Due on schedule, or once the history has doubled since a fit on a short one (so
-            // a series' first fits, on 12 windows, say, do not stand for `refit_every`).
-            let fresh = age < refit_every
+            // Due on schedule (sooner for a forecast only read further along: it does not see
+            // the values since its fit), or once the history has doubled since a fit on a short
+            // one (so a series' first fits, on 12 windows, say, do not stand for `refit_every`).
+            let every = if c.filter.is_some() {
+                refit_every
+            } else {
+                stale_refit_every(refit_every)
+            };
+            let fresh = age < every
                 && history.len() < 2 * c.fitted_on
                 && (c.filter.is_some() || age + steps <= c.points.len());
             if !drifted {
@@ -1141,6 +1149,12 @@ const STATE_VERSION: u8 = 3;
 /// Separates entity and metric in a series' checkpoint key (entity ids hold no control
 /// characters, so the first one splits them).
 const SERIES_KEY_SEPARATOR: char = '\u{1f}';
+
+/// Windows between scheduled refits of a forecast whose state is not carried forward (MSTL's,
+/// or an AutoETS fit whose recursion could not be recovered): a quarter of `refit_every`.
+fn stale_refit_every(refit_every: usize) -> usize {
+    (refit_every / 4).max(1)
+}
 
 fn series_key(entity: &EntityId, metric: &str) -> String {
     format!("{entity}{SERIES_KEY_SEPARATOR}{metric}")
@@ -1648,6 +1662,20 @@ mod tests {
             .unwrap();
         assert!(breach.detail.contains("MSTL"), "{}", breach.detail);
         assert!(r.probability < 0.5, "a stable cycle below its limit: {r:?}");
+        // Its state is not carried forward, so it is refitted every quarter of `refit_every`
+        // windows, not every `refit_every`.
+        let mut s = scorer(above("cpu", 95.0));
+        let mut fits = Vec::new();
+        for w in windows("cpu", 120, season) {
+            score(&mut s, w);
+            fits.push(s.fits());
+        }
+        let at: Vec<usize> = (1..120).filter(|&i| fits[i] > fits[i - 1]).collect();
+        assert_eq!(ScoringConfig::default().refit_every, 48);
+        assert!(
+            at.windows(2).all(|w| w[1] - w[0] <= 12) && at.len() >= 9,
+            "fits at windows {at:?}"
+        );
     }
 
     #[test]
