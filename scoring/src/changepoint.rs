@@ -135,6 +135,15 @@ impl Run {
         }
     }
 
+    /// A run of the one value `x`, holding all the probability (a detector's first run, or a
+    /// fresh start).
+    fn only(reference: Reference, x: f64) -> Self {
+        Self {
+            log_p: 0.0,
+            ..Self::prior(0.0, reference).grown(0, x, 0.0)
+        }
+    }
+
     /// This run of `n` values (`r = v = 1 + n`) with its probability multiplied by the
     /// posterior predictive density of `x` (and by `grow`, the prior probability that the run
     /// goes on), then updated with `x`.
@@ -170,9 +179,7 @@ impl ChangeDetector {
             return self.most_probable();
         }
         if self.runs.is_empty() {
-            self.runs
-                .push_back(Run::prior(0.0, reference).grown(0, x, 0.0));
-            self.runs[0].log_p = 0.0;
+            self.runs.push_back(Run::only(reference, x));
             return 0;
         }
         let (ln_change, ln_grow) = (-hazard.ln(), (-hazard.recip()).ln_1p());
@@ -205,9 +212,7 @@ impl ChangeDetector {
             }
         } else {
             // Nothing explains the value (a numerical extreme): start afresh from it.
-            let mut fresh = Run::prior(0.0, reference).grown(0, x, 0.0);
-            fresh.log_p = 0.0;
-            self.runs = VecDeque::from([fresh]);
+            self.runs = VecDeque::from([Run::only(reference, x)]);
         }
         self.most_probable()
     }
