@@ -664,7 +664,13 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
     tansu.start().await.context("restarting tansu")?;
     let back = Instant::now();
     world.produce(&producer, half..world.records.len()).await?;
-    let drained = world.caught_up(Duration::from_secs(180)).await?;
+    let drained = match world.caught_up(Duration::from_secs(180)).await {
+        Ok(drained) => drained,
+        Err(e) => {
+            print_broker_log(&tansu);
+            return Err(e);
+        }
+    };
     let drained = drained.max(back.elapsed());
     foresight.alive()?; // Recovered by itself: the same process throughout.
     drop(foresight);
@@ -680,15 +686,7 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
         .measured
         .insert("drained_after_restart_s".into(), drained.as_secs_f64());
     if let Err(e) = tally.report() {
-        // What the broker said about it (it answered produce requests with an unknown error
-        // for minutes after its restart in one run).
-        let log = tansu.log();
-        let said: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-        eprintln!(
-            "broker-stop: the broker's log, {} lines; the last 40:\n{}",
-            said.len(),
-            said[said.len().saturating_sub(40)..].join("\n")
-        );
+        print_broker_log(&tansu);
         return Err(e);
     }
     assert!(
@@ -697,6 +695,27 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
     );
     drop(tansu);
     world.finish().await
+}
+
+/// What the broker said when scenario 2 fails: its panics (a panic in its storage task leaves
+/// every later request unanswerable), then its last 40 lines, printed last so that a report
+/// that keeps only the start and the end of the output keeps them.
+fn print_broker_log(tansu: &Tansu) {
+    let log = tansu.log();
+    let said: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let panics: Vec<&str> = said
+        .iter()
+        .copied()
+        .filter(|l| l.contains("panicked"))
+        .take(10)
+        .collect();
+    eprintln!(
+        "broker-stop: the broker's log, {} lines; its first {} panics:\n{}\nits last 40 lines:\n{}",
+        said.len(),
+        panics.len(),
+        panics.join("\n"),
+        said[said.len().saturating_sub(40)..].join("\n")
+    );
 }
 
 /// 3. Postgres is unreachable for 30 s (a proxy in front of it cuts every connection and

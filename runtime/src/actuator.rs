@@ -25,7 +25,7 @@ use rdkafka::{
     consumer::{CommitMode, Consumer},
     error::KafkaError,
     message::{Header, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -108,7 +108,7 @@ fn delivery(
 /// Produces outcomes to the outcomes topic, in the trace of `traceparent` (counted in
 /// `progress`'s actuations when given).
 pub(crate) async fn send_outcomes(
-    producer: &FutureProducer,
+    producer: &mut kafka::Outputs,
     topic: &str,
     outcomes: Vec<ActuationOutcome>,
     traceparent: &str,
@@ -171,7 +171,7 @@ pub(crate) async fn run(
     let mut engine = Engine::new(a.clone(), pool, stop).context("building the actuators")?;
     let group = format!("{}{}", k.group_prefix, NAME);
     let mut consumer = kafka::consumer(k, &group, progress.consumer.clone())?;
-    let mut producer = kafka::producer(k)?;
+    let mut producer = kafka::Outputs::new(k)?;
     let inputs = [topics.decisions.as_str(), topics.scores.as_str()];
     // The watchdog replaces a stalled consumer.
     let mut watchdog = Watchdog::new(NAME, r.stall_timeout);
@@ -237,14 +237,13 @@ pub(crate) async fn run(
                     // made once, so they are sent again rather than made again from re-read
                     // input.)
                     Err((e, Some(message))) if crate::runner::purged(&e) || !crate::runner::refused_for_good(&e) => {
-                        if !crate::runner::purged(&e) {
+                        if crate::runner::refusal(&e, &producer) {
                             undelivered += 1;
                             tracing::warn!(stage = NAME, error = %e, topic = message.topic(), attempt = undelivered, "Outcome not delivered; sending it again with a new producer.");
                             tokio::time::sleep(crate::runner::resend_pause(undelivered)).await;
-                            let old = std::mem::replace(&mut producer, kafka::producer(k)?);
-                            tokio::task::block_in_place(|| drop(old));
+                            producer.replace()?;
                         }
-                        let d = crate::runner::enqueue_again(&producer, &message).await?;
+                        let d = crate::runner::enqueue_again(&mut producer, &message).await?;
                         deliveries.push(delivery(d, input));
                     }
                     Err((e, _)) => { failure = Some(anyhow::Error::new(e).context("delivering an outcome")); break; }
@@ -266,7 +265,7 @@ pub(crate) async fn run(
                 match scanned {
                     Ok(outcomes) => {
                         let traceparent = crate::telemetry::new_traceparent();
-                        for d in send_outcomes(&producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
+                        for d in send_outcomes(&mut producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
                             report.event(progress);
                             deliveries.push(delivery(d, None));
                         }
@@ -346,11 +345,11 @@ pub(crate) async fn run(
                     if let Some(key) = dl.key.as_deref() {
                         record = record.key(key);
                     }
-                    sent.push(crate::runner::enqueue(&producer, record).await?);
+                    sent.push(crate::runner::enqueue(&mut producer, record).await?);
                     report.dead_letter(progress, dl.error_class);
                 }
                 drop(span);
-                for d in send_outcomes(&producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
+                for d in send_outcomes(&mut producer, &topics.outcomes, outcomes, &traceparent, Some(progress)).await? {
                     report.event(progress);
                     sent.push(d);
                 }
@@ -379,7 +378,14 @@ pub(crate) async fn run(
         }
         store(&consumer, &inputs, tracker.storable());
     }
-    crate::runner::stopped(NAME, &consumer, &producer, r.drain_timeout, report, failure)
+    crate::runner::stopped(
+        NAME,
+        &consumer,
+        producer.producer(),
+        r.drain_timeout,
+        report,
+        failure,
+    )
 }
 
 fn store(
@@ -431,11 +437,11 @@ pub async fn by_hand(config: &Config, what: ByHand) -> anyhow::Result<Vec<Actuat
     };
     shutdown.cancel();
     let outcomes = result?;
-    let producer = kafka::producer(&config.kafka)?;
+    let mut producer = kafka::Outputs::new(&config.kafka)?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     let traceparent = crate::telemetry::new_traceparent();
     for d in send_outcomes(
-        &producer,
+        &mut producer,
         &topics.outcomes,
         outcomes.clone(),
         &traceparent,

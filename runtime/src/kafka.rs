@@ -283,9 +283,19 @@ const STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// An idempotent producer that never gives up on a message by itself (`message.timeout.ms=0`):
 /// while the broker is away, in-flight limits hold the consumer back instead of losing outputs.
+///
+/// It never bumps its producer epoch by itself either. An idempotent producer whose batch the
+/// broker refuses (or whose later requests in flight fail for the gap it left) otherwise bumps
+/// its epoch locally (KIP-360) and goes on with it; a broker that does not know that epoch may
+/// fail for good (tansu's sqlite storage panics on it and answers nothing more until restarted).
+/// With the gap-less guarantee and one request in flight, such a refusal makes the producer
+/// fail instead, and [`Outputs`] replaces it with a new one, which asks the broker for a
+/// producer id. (On Apache Kafka, `kafka.producer` may set both back to librdkafka's defaults.)
 pub(crate) fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     let mut c = base(config)?;
     c.set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
+        .set("max.in.flight.requests.per.connection", "1")
         .set("acks", "all")
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
@@ -294,6 +304,46 @@ pub(crate) fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaErro
         c.set(k, v);
     }
     c.create()
+}
+
+/// Whether a producer's error means the producer itself has failed for good (see [`producer`]).
+pub(crate) fn fatal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::GaplessGuarantee)
+    )
+}
+
+/// A stage's producer, replaced by a new one when it has failed for good.
+pub(crate) struct Outputs {
+    producer: FutureProducer,
+    config: KafkaConfig,
+}
+
+impl Outputs {
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(Self {
+            producer: producer(config)?,
+            config: config.clone(),
+        })
+    }
+
+    /// The producer in use.
+    pub(crate) fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Whether the producer in use has failed for good.
+    pub(crate) fn failed(&self) -> bool {
+        self.producer.client().fatal_error().is_some()
+    }
+
+    /// A new producer in place of the one in use, whose queued outputs come back purged.
+    pub(crate) fn replace(&mut self) -> Result<(), KafkaError> {
+        let old = std::mem::replace(&mut self.producer, producer(&self.config)?);
+        tokio::task::block_in_place(|| drop(old));
+        Ok(())
+    }
 }
 
 /// The (topic, partition)s a consumer owns now (none if it cannot say).
@@ -695,5 +745,63 @@ pub(crate) fn move_back<K: std::hash::Hash + Eq + Clone>(
             }
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::{
+        mocking::MockCluster,
+        producer::FutureRecord,
+        types::{RDKafkaApiKey, RDKafkaRespErr},
+    };
+
+    async fn deliver(outputs: &mut Outputs, value: &str) -> Result<(), KafkaError> {
+        let record = FutureRecord::to("t").key("k").payload(value.as_bytes());
+        let delivery = crate::runner::enqueue(outputs, record).await?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        }
+    }
+
+    /// A batch the broker refuses makes the producer fail (and the next output goes out through
+    /// a new one) instead of going on under an epoch it bumped itself, which tansu's storage
+    /// does not survive. librdkafka's own mock broker does the refusing: no broker that runs
+    /// here refuses a batch on demand (tansu did only as it stopped).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_batch_fails_the_producer_instead_of_bumping_its_epoch() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let config = KafkaConfig {
+            brokers: mock.bootstrap_servers(),
+            ..KafkaConfig::default()
+        };
+        let mut outputs = Outputs::new(&config).unwrap();
+        deliver(&mut outputs, "one").await.unwrap();
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN],
+        );
+        let refused = deliver(&mut outputs, "two").await.unwrap_err();
+        assert_eq!(
+            refused.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Unknown),
+            "{refused}"
+        );
+        let started = std::time::Instant::now();
+        while !outputs.failed() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the producer goes on after a refused batch (under a bumped epoch)"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (code, reason) = outputs.producer().client().fatal_error().unwrap();
+        assert_eq!(code, RDKafkaErrorCode::GaplessGuarantee, "{reason}");
+        deliver(&mut outputs, "three").await.unwrap();
+        assert!(!outputs.failed());
     }
 }

@@ -496,7 +496,7 @@ pub(crate) async fn run(
     let group = format!("{}{}", kafka_config.group_prefix, NAME);
     let mut consumer =
         kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
-    let producer = kafka::producer(kafka_config).map_err(err)?;
+    let mut producer = kafka::Outputs::new(kafka_config).map_err(err)?;
     let inputs = [
         &topics.decisions,
         &topics.outcomes,
@@ -685,10 +685,15 @@ pub(crate) async fn run(
                     None => record,
                 }
             };
-            // Refused by the broker (seen once after it restarted): sent again after a pause,
-            // until the shutdown; a final refusal stops the stage (the offset is not stored).
+            // Refused by the broker (seen once after it restarted): sent again by a new producer
+            // after a pause, until the shutdown; a final refusal stops the stage (the offset is
+            // not stored).
             let mut attempt = 0;
-            while let Err((source, _)) = producer.send(record(), Duration::from_secs(30)).await {
+            while let Err((source, _)) = producer
+                .producer()
+                .send(record(), Duration::from_secs(30))
+                .await
+            {
                 attempt += 1;
                 if crate::runner::refused_for_good(&source) {
                     return Err(StageError::Delivery {
@@ -699,12 +704,13 @@ pub(crate) async fn run(
                         source,
                     });
                 }
-                tracing::warn!(stage = NAME, error = %source, attempt, "Dead letter not delivered; sending it again.");
+                tracing::warn!(stage = NAME, error = %source, attempt, "Dead letter not delivered; sending it again with a new producer.");
                 tokio::select! {
                     // Stop without storing: the batch is re-read by whoever runs next.
                     () = shutdown.cancelled() => break 'outer,
                     () = tokio::time::sleep(crate::runner::resend_pause(attempt)) => {}
                 }
+                producer.replace().map_err(err)?;
             }
             report.dead_letter(progress, dl.error_class);
         }

@@ -318,7 +318,7 @@ type Delivery = Pin<Box<dyn Future<Output = (InputPartition, i64, Result<(), Ref
 
 /// Enqueues a message again as it was (topic, key, payload, headers): one the broker refused.
 pub(crate) async fn enqueue_again(
-    producer: &FutureProducer,
+    outputs: &mut kafka::Outputs,
     message: &rdkafka::message::OwnedMessage,
 ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
     let mut record =
@@ -329,7 +329,14 @@ pub(crate) async fn enqueue_again(
     if let Some(headers) = message.headers() {
         record = record.headers(headers.clone());
     }
-    enqueue(producer, record).await
+    enqueue(outputs, record).await
+}
+
+/// Whether an undelivered output stands for a refusal (counted, and sent again by a new producer
+/// after a pause), rather than for a producer replaced already: purged from its queue, or failed
+/// by the fatal error of a producer replaced since (those are only sent again by the current one).
+pub(crate) fn refusal(e: &KafkaError, outputs: &kafka::Outputs) -> bool {
+    !purged(e) && (!kafka::fatal(e) || outputs.failed())
 }
 
 /// Whether a delivery failed only because its producer was replaced (its queue purged).
@@ -390,17 +397,27 @@ fn dead_letter_headers(dl: &DeadLetter, original: &BorrowedMessage<'_>) -> Owned
     })
 }
 
-/// Enqueues a record, waiting while the producer's local queue is full.
+/// Enqueues a record, waiting while the producer's local queue is full, and through a new
+/// producer if the one in use has failed for good (a refusal made it fail: see
+/// [`kafka::producer`]).
 pub(crate) async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
-    producer: &FutureProducer,
+    outputs: &mut kafka::Outputs,
     mut record: FutureRecord<'_, K, [u8]>,
 ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+    let mut replaced = 0;
     loop {
-        match producer.send_result(record) {
+        match outputs.producer().send_result(record) {
             Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // A new producer is never failed: a bound only against the unforeseen.
+            Err((e, r)) if kafka::fatal(&e) && replaced < 3 => {
+                tracing::warn!(error = %e, "Producer failed; replacing it.");
+                outputs.replace()?;
+                replaced += 1;
+                record = r;
             }
             Err((e, _)) => return Err(e),
         }
@@ -702,7 +719,7 @@ where
     let mut consumer =
         kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()).map_err(err)?;
     let latency = telemetry::Latency::new(name);
-    let mut producer = kafka::producer(kafka_config).map_err(err)?;
+    let mut producer = kafka::Outputs::new(kafka_config).map_err(err)?;
     let topics: Vec<&str> = stage.inputs.iter().map(|i| i.topic.as_str()).collect();
     consumer.subscribe(&topics).map_err(err)?;
     let mut resumer = kafka::Resumer::new(stage.processor.stateful());
@@ -881,7 +898,7 @@ where
                         .key(m.key.as_str())
                         .payload(m.payload.as_slice())
                         .headers(event_headers(&last_traceparent));
-                    match enqueue(&producer, record).await {
+                    match enqueue(&mut producer, record).await {
                         Ok(d) => deliveries.push(delivered(d, at, at_offset)),
                         Err(e) => {
                             failure = Some(StageError::Delivery {
@@ -939,23 +956,17 @@ where
                     // entities: another content under the same id.) Only a final refusal stops
                     // the stage.
                     Err((e, Some(message))) if purged(&e) || !refused_for_good(&e) => {
-                        if !purged(&e) {
+                        if refusal(&e, &producer) {
                             undelivered += 1;
                             tracing::warn!(stage = name, error = %e, topic = message.topic(), attempt = undelivered, "Output not delivered; sending it again with a new producer.");
                             progress.stalls.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(resend_pause(undelivered)).await;
-                            match kafka::producer(kafka_config) {
-                                Ok(fresh) => {
-                                    let old = std::mem::replace(&mut producer, fresh);
-                                    tokio::task::block_in_place(|| drop(old));
-                                }
-                                Err(source) => {
-                                    failure = Some(StageError::Kafka { stage: name, source });
-                                    break;
-                                }
+                            if let Err(source) = producer.replace() {
+                                failure = Some(StageError::Kafka { stage: name, source });
+                                break;
                             }
                         }
-                        match enqueue_again(&producer, &message).await {
+                        match enqueue_again(&mut producer, &message).await {
                             Ok(d) => {
                                 deliveries.push(delivered(d, partition, offset));
                                 continue;
@@ -1124,7 +1135,7 @@ where
                                 .key(m.key.as_str())
                                 .payload(m.payload.as_slice())
                                 .headers(event_headers(&traceparent));
-                            enqueue(&producer, record).await
+                            enqueue(&mut producer, record).await
                         }
                         Output::Rejected(rejection) => {
                             report.dead_letter(progress, rejection.class);
@@ -1136,7 +1147,7 @@ where
                             if let Some(key) = dl.key.as_deref() {
                                 record = record.key(key);
                             }
-                            enqueue(&producer, record).await
+                            enqueue(&mut producer, record).await
                         }
                     };
                     match enqueued {
@@ -1204,7 +1215,7 @@ where
     stopped(
         name,
         &consumer,
-        &producer,
+        producer.producer(),
         runner.drain_timeout,
         report,
         failure,

@@ -74,11 +74,12 @@ pub async fn simulate(
             config.kafka.brokers
         )
     };
-    let producer = kafka::producer(&config.kafka)?;
+    let mut producer = kafka::Outputs::new(&config.kafka)?;
     // The topics are created unless the metrics topic is there already (a running pipeline made
     // them): a metadata request is cheaper for a busy broker than a round of topic creations.
     let exists = tokio::task::block_in_place(|| {
         producer
+            .producer()
             .client()
             .fetch_metadata(Some(&topics.metrics), Duration::from_secs(10))
     })
@@ -148,7 +149,7 @@ pub async fn simulate(
                 .key(sample.entity.as_str())
                 .payload(payload.as_slice())
                 .headers(headers);
-            in_flight.push(crate::runner::enqueue(&producer, record).await?);
+            in_flight.push(crate::runner::enqueue(&mut producer, record).await?);
             sent += 1;
             while in_flight.len() >= MAX_IN_FLIGHT {
                 acknowledged(in_flight.next().await, &mut produced)?;
