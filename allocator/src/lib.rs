@@ -1183,6 +1183,16 @@ impl Processor for Allocator {
         }
         self.rounds.retain(|_, r| !r.scores.is_empty());
         self.checkpointed.remove(&partition);
+        if self.entities.is_empty() {
+            // Nothing owned any more (every partition revoked, as when a consumer's group
+            // session is lost): the clocks and velocity counts go too. Kept, they would make
+            // the scores read again after a restore from an older checkpoint late (decided one
+            // by one) and count their actions twice, so decisions still on their way would be
+            // published again with other content.
+            self.decided_through = None;
+            self.watermark = None;
+            self.velocity = Velocity::default();
+        }
     }
 
     /// Checkpointed: each entity's bands, cool-downs, failure and latest score, with its scores

@@ -539,3 +539,52 @@ fn velocity_limits_hold_across_a_restart() {
         "a fresh one forgets"
     );
 }
+
+#[test]
+fn partitions_revoked_and_restored_in_one_instance_decide_again_as_before() {
+    // A consumer whose group session is lost has its partitions revoked and assigned again,
+    // and restores them from their last checkpoint, which may be older than the rounds decided
+    // since (their decisions not yet acknowledged). Reading the scores after it again must
+    // decide as before: the decisions still waiting go out as they were, so other ones (a
+    // round decided late, score by score, or velocity counted twice) would publish their ids
+    // with other content.
+    let limited = || {
+        let mut policy = Policy::default();
+        policy.limits.per_minute = 3;
+        Allocator::new(policy, &Inventory::default(), GraphConfig::default()).unwrap()
+    };
+    let round = |minute: i64| -> Vec<RiskScore> {
+        (0..4)
+            .map(|k| {
+                let mut s = score(&format!("e{minute}-{k}"), minute, 0.75 + 0.05 * k as f64);
+                s.rank = Some(Rank {
+                    position: k as u32 + 1,
+                    of: 4,
+                });
+                s
+            })
+            .collect()
+    };
+    let decide = |a: &mut Allocator, minutes: std::ops::Range<i64>| -> Vec<String> {
+        minutes
+            .flat_map(round)
+            .flat_map(|s| run(a, AllocatorInput::Score(s)))
+            .map(|d| serde_json::to_string(&d).unwrap())
+            .collect()
+    };
+    let mut a = limited();
+    decide(&mut a, 0..1);
+    let saved: Vec<(String, Vec<u8>)> = a
+        .checkpoint(0)
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::Put { key, value } => Some((key, value)),
+            StateChange::Delete { .. } => None,
+        })
+        .collect();
+    let want = decide(&mut a, 1..4);
+    assert!(want.len() >= 12, "three rounds of four decided: {want:?}");
+    a.forget_partition(0);
+    a.restore(0, saved).unwrap();
+    assert_eq!(decide(&mut a, 1..4), want);
+}

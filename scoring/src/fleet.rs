@@ -40,7 +40,10 @@
 //!
 //! The stage keeps state (open rounds, the roster, peer histories, observed edges), owned by the
 //! partition of the entity it is about and checkpointed with the input offsets it reflects, like
-//! the feature stage's windows.
+//! the feature stage's windows. Which rounds are closed is known only from the partitions still
+//! owned: a consumer that loses every partition (its group session lost while the broker is
+//! away) and restores them from checkpoints older than its last rounds closes those rounds again
+//! as before, with all their members, not late and one by one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -986,6 +989,10 @@ impl Processor for Fleet {
         self.open.retain(|_, v| !v.is_empty());
         self.progress.remove(&partition);
         self.removed.remove(&partition);
+        // Which rounds are closed is known only from the partitions still owned: kept from the
+        // revoked ones, it would make scores read again after a restore from an older
+        // checkpoint late (scored alone), and close their rounds anew with part of the fleet.
+        self.closed_until = self.progress.values().filter_map(|p| p.closed_until).max();
         self.rebuild_graph();
     }
 
@@ -1356,6 +1363,56 @@ mod tests {
         got.extend(run(&mut after, second));
         assert_eq!(got, want);
         assert!(after.restore(0, vec![("x".into(), b"{".to_vec())]).is_err());
+    }
+
+    #[test]
+    fn partitions_revoked_and_restored_in_one_instance_close_the_same_rounds() {
+        // A consumer whose group session is lost (the broker away) has every partition revoked
+        // and then assigned again, and restores them from their last checkpoint, which may be
+        // older than the rounds closed since (their outputs were not yet acknowledged, so no
+        // later checkpoint could be written). Reading the input after it again must close
+        // those rounds as before: the refused outputs still go out as they were, and a round
+        // closed anew with part of the fleet would publish their ids with other content.
+        let inputs = web_fleet(8);
+        let (first, second) = inputs.split_at(21);
+        let mut f = fleet(GraphConfig::default());
+        run(&mut f, first);
+        let entries = |f: &mut Fleet, p: i32| -> Vec<(String, Vec<u8>)> {
+            f.checkpoint(p)
+                .into_iter()
+                .filter_map(|c| match c {
+                    StateChange::Put { key, value } => Some((key, value)),
+                    StateChange::Delete { .. } => None,
+                })
+                .collect()
+        };
+        let saved = [entries(&mut f, 0), entries(&mut f, 1)];
+        let want = run(&mut f, second);
+        assert!(
+            want.len() >= 12,
+            "rounds closed after the checkpoint: {want:?}"
+        );
+        for p in [0, 1] {
+            f.forget_partition(p);
+        }
+        for p in [0, 1] {
+            f.assigned(p);
+        }
+        for (p, e) in saved.into_iter().enumerate() {
+            f.restore(p as i32, e).unwrap();
+        }
+        let got = run(&mut f, second);
+        let rounds = |v: &[RiskScore]| -> Vec<(String, i64, usize)> {
+            v.iter()
+                .map(|s| {
+                    let of = s.rank.as_ref().map_or(0, |r| r.of as usize);
+                    (s.entity.to_string(), s.time.timestamp() / 60, of)
+                })
+                .collect()
+        };
+        assert_eq!(rounds(&got), rounds(&want), "(entity, minute, round size)");
+        assert_eq!(got, want);
+        assert_eq!((f.late(), f.redelivered()), (0, 0));
     }
 
     #[test]
