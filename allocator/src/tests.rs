@@ -92,6 +92,17 @@ fn run(a: &mut Allocator, input: AllocatorInput) -> Vec<Decision> {
         .collect()
 }
 
+/// The entries a checkpoint puts, as a restore takes them.
+fn puts(changes: Vec<StateChange>) -> Vec<(String, Vec<u8>)> {
+    changes
+        .into_iter()
+        .filter_map(|c| match c {
+            StateChange::Put { key, value } => Some((key, value)),
+            StateChange::Delete { .. } => None,
+        })
+        .collect()
+}
+
 fn pool3() -> Inventory {
     Inventory {
         nodes: vec![node("n1", 8.0), node("n2", 8.0), node("n3", 8.0)],
@@ -453,14 +464,7 @@ fn a_restored_allocator_decides_as_the_original_and_a_fresh_one_does_not() {
     assert_eq!(first[0].action.kind, ActionKind::Migrate);
     assert!(run(&mut original, AllocatorInput::Score(ranked("x", 1, 0.5))).is_empty());
 
-    let changes = original.checkpoint(0);
-    let entries: Vec<(String, Vec<u8>)> = changes
-        .into_iter()
-        .filter_map(|c| match c {
-            StateChange::Put { key, value } => Some((key, value)),
-            StateChange::Delete { .. } => None,
-        })
-        .collect();
+    let entries = puts(original.checkpoint(0));
     assert_eq!(entries.len(), 3, "svc, x and the clocks");
     let mut restored = new();
     restored.restore(0, entries).unwrap();
@@ -507,16 +511,7 @@ fn velocity_limits_hold_across_a_restart() {
         assert_eq!(d[0].action.kind, ActionKind::Migrate);
     }
     // Restored from the checkpoints of two partitions taken together: counted once, not twice.
-    let entries = |a: &mut Allocator, partition: i32| -> Vec<(String, Vec<u8>)> {
-        a.checkpoint(partition)
-            .into_iter()
-            .filter_map(|c| match c {
-                StateChange::Put { key, value } => Some((key, value)),
-                StateChange::Delete { .. } => None,
-            })
-            .collect()
-    };
-    let (p0, p1) = (entries(&mut original, 0), entries(&mut original, 1));
+    let (p0, p1) = (puts(original.checkpoint(0)), puts(original.checkpoint(1)));
     let mut restored = limited();
     restored.restore(0, p0).unwrap();
     restored.restore(1, p1).unwrap();
@@ -574,14 +569,7 @@ fn partitions_revoked_and_restored_in_one_instance_decide_again_as_before() {
     };
     let mut a = limited();
     decide(&mut a, 0..1);
-    let saved: Vec<(String, Vec<u8>)> = a
-        .checkpoint(0)
-        .into_iter()
-        .filter_map(|c| match c {
-            StateChange::Put { key, value } => Some((key, value)),
-            StateChange::Delete { .. } => None,
-        })
-        .collect();
+    let saved = puts(a.checkpoint(0));
     let want = decide(&mut a, 1..4);
     assert!(want.len() >= 12, "three rounds of four decided: {want:?}");
     a.forget_partition(0);

@@ -1148,6 +1148,17 @@ mod tests {
             .collect()
     }
 
+    /// The entries a checkpoint puts, as a restore takes them.
+    fn puts(changes: Vec<StateChange>) -> Vec<(String, Vec<u8>)> {
+        changes
+            .into_iter()
+            .filter_map(|c| match c {
+                StateChange::Put { key, value } => Some((key, value)),
+                StateChange::Delete { .. } => None,
+            })
+            .collect()
+    }
+
     fn web_fleet(rounds: i64) -> Vec<(i32, RiskScore)> {
         let mut v = Vec::new();
         for minute in 0..rounds {
@@ -1350,15 +1361,7 @@ mod tests {
         let mut got = run(&mut before, first);
         let mut after = fleet(GraphConfig::default());
         for p in [0, 1] {
-            let entries = before
-                .checkpoint(p)
-                .into_iter()
-                .filter_map(|c| match c {
-                    StateChange::Put { key, value } => Some((key, value)),
-                    StateChange::Delete { .. } => None,
-                })
-                .collect();
-            after.restore(p, entries).unwrap();
+            after.restore(p, puts(before.checkpoint(p))).unwrap();
         }
         got.extend(run(&mut after, second));
         assert_eq!(got, want);
@@ -1377,16 +1380,7 @@ mod tests {
         let (first, second) = inputs.split_at(21);
         let mut f = fleet(GraphConfig::default());
         run(&mut f, first);
-        let entries = |f: &mut Fleet, p: i32| -> Vec<(String, Vec<u8>)> {
-            f.checkpoint(p)
-                .into_iter()
-                .filter_map(|c| match c {
-                    StateChange::Put { key, value } => Some((key, value)),
-                    StateChange::Delete { .. } => None,
-                })
-                .collect()
-        };
-        let saved = [entries(&mut f, 0), entries(&mut f, 1)];
+        let saved = [puts(f.checkpoint(0)), puts(f.checkpoint(1))];
         let want = run(&mut f, second);
         assert!(
             want.len() >= 12,
