@@ -550,7 +550,11 @@ impl Fleet {
                 .get_mut(&s.entity)
                 .expect("scored members exist");
             for (metric, v) in &s.observed {
-                let h = m.history.entry(metric.clone()).or_default();
+                // The metric's name is copied only the first time it is met.
+                let h = match m.history.get_mut(metric) {
+                    Some(h) => h,
+                    None => m.history.entry(metric.clone()).or_default(),
+                };
                 h.push_back(*v);
                 while h.len() > hist {
                     h.pop_front();
@@ -567,11 +571,11 @@ impl Fleet {
         let mut own: BTreeMap<EntityId, [f64; 3]> = BTreeMap::new();
         for s in &round {
             let peer = peers.get(&s.entity).map_or(0.0, |c| c.probability);
-            let mut signals = s.signals.clone();
-            signals.insert("peer_outlier".into(), peer);
-            signals.insert("dependency".into(), 0.0);
             let p = match &self.model {
                 Some(model) => {
+                    let mut signals = s.signals.clone();
+                    signals.insert("peer_outlier".into(), peer);
+                    signals.insert("dependency".into(), 0.0);
                     let (p, l, u) = model.predict(&signals);
                     [l, p, u]
                 }

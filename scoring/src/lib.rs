@@ -92,7 +92,9 @@ mod season;
 
 use std::time::Duration;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::{Equivalent, HashMap};
 
 use augurs::{
     Predict,
@@ -411,7 +413,7 @@ pub struct Scorer {
     config: ScoringConfig,
     z: f64,
     model: AutoETS,
-    /// Anomaly state per series (entity, metric).
+    /// Anomaly state per series (entity, metric), found by [`SeriesRef`] without building a key.
     series: HashMap<(EntityId, String), Series>,
     /// End (event time, ms) of the window being scored: when its series were last seen, for
     /// forgetting the least recently seen ones. Event time, so what is forgotten does not depend
@@ -555,22 +557,24 @@ impl Scorer {
         stats: &MetricStats,
         partition: i32,
     ) -> &'a mut Series {
-        let key = (entity.clone(), name.to_owned());
-        let series = map.entry(key).or_insert_with(|| {
+        let found = SeriesRef(entity, name);
+        if !map.contains_key(&found) {
             let mut detector = anomaly::AnomalyDetector::new(anomaly.clone(), 1);
             let past = stats.history.len().saturating_sub(1);
             for v in &stats.history[..past] {
                 detector.update(&[*v]);
             }
-            Series {
+            let series = Series {
                 forecast: None,
                 detector,
                 changes: None,
                 partition,
                 seen: now,
                 dirty: true,
-            }
-        });
+            };
+            map.insert((entity.clone(), name.to_owned()), series);
+        }
+        let series = map.get_mut(&found).expect("inserted above");
         series.seen = now;
         series.dirty = true;
         series.partition = partition;
@@ -898,31 +902,50 @@ impl Scorer {
             return None;
         }
         let scale = limit.abs().max(1.0) * 1e-9;
-        let p_beyond = |mean: f64, sd: f64| {
+        // P(beyond) = Φ(z) at each step, z the distance beyond the limit in standard deviations
+        // (±∞ where the forecast is certain). Φ is monotone, so the largest P over the steps is Φ
+        // of the largest z: one evaluation per bound, not one per step.
+        let z_beyond = |mean: f64, sd: f64| {
             let d = if above { mean - limit } else { limit - mean };
             if sd <= scale {
-                if d > 0.0 { 1.0 } else { 0.0 }
+                if d > 0.0 {
+                    f64::INFINITY
+                } else {
+                    f64::NEG_INFINITY
+                }
             } else {
-                Normal::cdf(d / sd, 0.0, 1.0)
+                d / sd
+            }
+        };
+        let phi = |z: f64| {
+            if z == f64::INFINITY {
+                1.0
+            } else if z == f64::NEG_INFINITY {
+                0.0
+            } else {
+                Normal::cdf(z, 0.0, 1.0)
             }
         };
         let shift = self.z * sds[0] / (fitted_on as f64).sqrt();
-        let (mut probability, mut worse, mut better) = (0.0_f64, 0.0_f64, 0.0_f64);
+        let toward = if above { shift } else { -shift };
+        let (mut z, mut z_worse, mut z_better) =
+            (f64::NEG_INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
         let mut steps_to_breach = None;
         for (h, (&mean, &sd)) in points.iter().zip(&sds).enumerate() {
-            let p = p_beyond(mean, sd);
-            probability = probability.max(p);
-            let toward = if above { shift } else { -shift };
-            worse = worse.max(p_beyond(mean + toward, sd));
-            better = better.max(p_beyond(mean - toward, sd));
-            if steps_to_breach.is_none() && p >= 0.5 {
+            let zh = z_beyond(mean, sd);
+            z = z.max(zh);
+            z_worse = z_worse.max(z_beyond(mean + toward, sd));
+            z_better = z_better.max(z_beyond(mean - toward, sd));
+            // Φ(z) < 0.5 well below zero: evaluated only near it.
+            if steps_to_breach.is_none() && zh > -1e-3 && phi(zh) >= 0.5 {
                 steps_to_breach = Some(h + 1);
             }
         }
+        let probability = phi(z);
         Some(Breach {
             probability,
-            lower: better.min(probability),
-            upper: worse.max(probability),
+            lower: phi(z_better).min(probability),
+            upper: phi(z_worse).max(probability),
             steps_to_breach,
             forecast_at_horizon: *points.last()?,
             interval_at_horizon: {
@@ -947,7 +970,7 @@ impl Processor for Scorer {
         let end = window.end.timestamp_millis();
         if window.metrics.keys().any(|name| {
             self.series
-                .get(&(window.entity.clone(), name.clone()))
+                .get(&SeriesRef(&window.entity, name))
                 .is_some_and(|s| s.seen >= end)
         }) {
             return;
@@ -1154,6 +1177,16 @@ const SERIES_KEY_SEPARATOR: char = '\u{1f}';
 /// or an AutoETS fit whose recursion could not be recovered): a quarter of `refit_every`.
 fn stale_refit_every(refit_every: usize) -> usize {
     (refit_every / 4).max(1)
+}
+
+/// A series' key, borrowed: hashes and compares as the owned `(EntityId, String)` it stands for.
+#[derive(Hash)]
+struct SeriesRef<'a>(&'a EntityId, &'a str);
+
+impl Equivalent<(EntityId, String)> for SeriesRef<'_> {
+    fn equivalent(&self, key: &(EntityId, String)) -> bool {
+        *self.0 == key.0 && self.1 == key.1
+    }
 }
 
 fn series_key(entity: &EntityId, metric: &str) -> String {
