@@ -96,10 +96,7 @@ fn run(a: &mut Allocator, input: AllocatorInput) -> Vec<Decision> {
 fn puts(changes: Vec<StateChange>) -> Vec<(String, Vec<u8>)> {
     changes
         .into_iter()
-        .filter_map(|c| match c {
-            StateChange::Put { key, value } => Some((key, value)),
-            StateChange::Delete { .. } => None,
-        })
+        .filter_map(StateChange::into_put)
         .collect()
 }
 

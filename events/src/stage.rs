@@ -155,6 +155,16 @@ pub enum StateChange {
     },
 }
 
+impl StateChange {
+    /// The entry this change puts, as [`Processor::restore`] takes it (`None` for a delete).
+    pub fn into_put(self) -> Option<(String, Vec<u8>)> {
+        match self {
+            StateChange::Put { key, value } => Some((key, value)),
+            StateChange::Delete { .. } => None,
+        }
+    }
+}
+
 /// Checkpointed state that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("state of {key} cannot be restored: {reason}")]

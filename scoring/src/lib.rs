@@ -557,24 +557,21 @@ impl Scorer {
         stats: &MetricStats,
         partition: i32,
     ) -> &'a mut Series {
-        let found = SeriesRef(entity, name);
-        if !map.contains_key(&found) {
+        let series = map.entry_ref(&SeriesRef(entity, name)).or_insert_with(|| {
             let mut detector = anomaly::AnomalyDetector::new(anomaly.clone(), 1);
             let past = stats.history.len().saturating_sub(1);
             for v in &stats.history[..past] {
                 detector.update(&[*v]);
             }
-            let series = Series {
+            Series {
                 forecast: None,
                 detector,
                 changes: None,
                 partition,
                 seen: now,
                 dirty: true,
-            };
-            map.insert((entity.clone(), name.to_owned()), series);
-        }
-        let series = map.get_mut(&found).expect("inserted above");
+            }
+        });
         series.seen = now;
         series.dirty = true;
         series.partition = partition;
@@ -1186,6 +1183,13 @@ struct SeriesRef<'a>(&'a EntityId, &'a str);
 impl Equivalent<(EntityId, String)> for SeriesRef<'_> {
     fn equivalent(&self, key: &(EntityId, String)) -> bool {
         *self.0 == key.0 && self.1 == key.1
+    }
+}
+
+/// The owned key, built only when a series is first met.
+impl From<&SeriesRef<'_>> for (EntityId, String) {
+    fn from(key: &SeriesRef<'_>) -> Self {
+        (key.0.clone(), key.1.to_owned())
     }
 }
 
