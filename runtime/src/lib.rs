@@ -34,13 +34,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use pipeline::Stage;
 
 /// Every binary built on this library (the `foresight` command, its benchmarks and tests) allocates
 /// with mimalloc: the pipeline's stages make and drop many small values per record, which it serves
 /// from thread-local free lists.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-pub use pipeline::Stage;
 
 /// Runs the given stages live in this process until `shutdown` is cancelled or one of them fails
 /// (then the others are stopped too). Topics are created if missing; Postgres is connected (and
