@@ -840,9 +840,10 @@ impl Scorer {
                 let e = v - mean;
                 (e.abs() > drift * sd.max(mean.abs() * 1e-9)).then_some(e > 0.0)
             };
-            let drifted = off(newest).is_some();
-            let previous = history.len().checked_sub(2).map(|i| history[i]);
-            let confirmed = drifted && off(newest) == previous.and_then(off);
+            let newest_off = off(newest);
+            let drifted = newest_off.is_some();
+            let confirmed =
+                drifted && newest_off == history.iter().nth_back(1).copied().and_then(off);
             // Due on schedule (sooner for a forecast only read further along: it does not see
             // the values since its fit), or once the history has doubled since a fit on a short
             // one (so a series' first fits, on 12 windows, say, do not stand for `refit_every`).
