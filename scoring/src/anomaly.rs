@@ -7,10 +7,13 @@
 //!
 //! ## How it scores
 //! 1. **Pattern strangeness.** The newest `pattern` values form a pattern; its strangeness is the
-//!    mean distance to its `neighbours` nearest patterns among the last `memory` values (patterns
-//!    overlapping it are excluded), each dimension scaled by its standard deviation over that
-//!    memory. A value that the series has never shown in this context is far from every past
-//!    pattern: spikes, level shifts, a daily cycle that goes flat, a noise change.
+//!    mean distance to its `neighbours` nearest patterns among the last `memory` values, each
+//!    dimension scaled by its standard deviation over that memory. A value that the series has
+//!    never shown in this context is far from every past pattern: spikes, level shifts, a daily
+//!    cycle that goes flat, a noise change. Patterns ending within `exclusion` values before the
+//!    newest one are not candidates: an anomaly is not its own neighbour, so a slow, sustained
+//!    departure (a climb to a level never seen) stays strange while it lasts instead of being
+//!    matched by its own beginning a few values back.
 //! 2. **Calibrated tail probability.** The strangeness is ranked against the strangeness of the
 //!    last `calibration` values (conformal p-value); beyond the top `tail` of them, where ranks run
 //!    out, the tail is extrapolated with an exponential fitted to their excesses (peaks over
@@ -45,6 +48,10 @@ pub struct AnomalyConfig {
     /// Most recent values kept to compare the newest pattern against (bounds memory and time per
     /// value: `memory x pattern x dimensions` multiply-adds).
     pub memory: usize,
+    /// Past patterns ending within this many values before the newest pattern's start are not
+    /// compared with it (the exclusion zone), so a sustained anomaly is not matched by its own
+    /// beginning. 0 excludes only the patterns overlapping the newest.
+    pub exclusion: usize,
     /// Most recent strangeness values a new one is ranked against (and pooled surprises a new
     /// pooled one is ranked against); each value costs a pass over both.
     pub calibration: usize,
@@ -69,7 +76,8 @@ impl Default for AnomalyConfig {
             pattern: 6,
             neighbours: 3,
             memory: 1500,
-            calibration: 600,
+            exclusion: 24,
+            calibration: 900,
             min_calibration: 60,
             tail: 30,
             pooling: 24,
@@ -87,7 +95,7 @@ pub enum AnomalyConfigError {
     Zero(&'static str),
     /// The memory must hold enough patterns to find neighbours in.
     #[error(
-        "scoring.anomaly.memory ({memory}) must be at least 2 x pattern + neighbours ({needed})"
+        "scoring.anomaly.memory ({memory}) must be at least 2 x pattern + neighbours + exclusion ({needed})"
     )]
     Memory {
         /// The configured memory.
@@ -126,7 +134,7 @@ impl AnomalyConfig {
                 errors.push(AnomalyConfigError::Zero(name));
             }
         }
-        let needed = 2 * self.pattern + self.neighbours;
+        let needed = 2 * self.pattern + self.neighbours + self.exclusion;
         if self.memory < needed {
             errors.push(AnomalyConfigError::Memory {
                 memory: self.memory,
@@ -304,9 +312,10 @@ impl AnomalyDetector {
     /// patterns are remembered.
     fn strangeness(&mut self) -> Option<f64> {
         let (w, k, dims) = (self.config.pattern, self.config.neighbours, self.dims);
-        let n = self.len();
-        // Past patterns end at j = w-1 ..= n-1-w, so none overlaps the newest (ending at n-1).
-        if n < 2 * w + k {
+        let (n, gap) = (self.len(), self.config.exclusion);
+        // Past patterns end at j = w-1 ..= n-1-w-gap: none overlaps the newest (ending at n-1)
+        // or ends in the exclusion zone before it.
+        if n < 2 * w + k + gap {
             return None;
         }
         // Inverse variance per dimension; a constant dimension gets a tiny scale, so any change
@@ -339,7 +348,7 @@ impl AnomalyDetector {
         const BLOCK: usize = 64;
         let mut acc = [0.0_f64; BLOCK];
         // Past patterns end at `first..=last`.
-        let (first, last) = (w - 1, n - 1 - w);
+        let (first, last) = (w - 1, n - 1 - w - gap);
         let mut from = first;
         while from <= last {
             let len = BLOCK.min(last + 1 - from);
@@ -591,6 +600,42 @@ mod tests {
     }
 
     #[test]
+    fn a_sustained_anomaly_is_not_its_own_neighbour() {
+        // A level shift in noise. Without an exclusion zone the shifted patterns soon find each
+        // other (after two pattern lengths) and the shift looks normal again; with it, each is
+        // compared with the past before the shift until the shift is older than the zone.
+        let strangeness = |exclusion: usize| {
+            let mut d = AnomalyDetector::new(
+                AnomalyConfig {
+                    exclusion,
+                    ..AnomalyConfig::default()
+                },
+                1,
+            );
+            (0..1600)
+                .map(|i| {
+                    d.push(&[noise(i) + if i >= 1500 { 5.0 } else { 0.0 }]);
+                    d.strangeness().unwrap_or(0.0)
+                })
+                .collect::<Vec<f64>>()
+        };
+        let max = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+        let min = |s: &[f64]| s.iter().copied().fold(f64::INFINITY, f64::min);
+        let zone = AnomalyConfig::default().exclusion;
+        assert!(zone >= 12, "{zone}");
+        let excluded = strangeness(zone);
+        let normal = max(&excluded[1000..1500]);
+        let during = min(&excluded[1500..1500 + zone]);
+        assert!(during > 5.0 * normal, "shift {during}, normal {normal}");
+        let matched = strangeness(0);
+        assert!(
+            max(&matched[1500 + zone..1500 + 2 * zone]) < normal,
+            "without a zone: {:?}",
+            &matched[1500..1500 + 2 * zone]
+        );
+    }
+
+    #[test]
     fn one_incident_raises_one_alarm() {
         // A level shift: many strange values in a row, but after the first alarm they are discounted.
         let scores = run((0..2000).map(|i| seasonal(i) + if i >= 1500 { 30.0 } else { 0.0 }));
@@ -673,9 +718,14 @@ mod tests {
     /// The strangeness as its definition says: every past pattern's scaled distance, pattern by
     /// pattern, and the mean of the `neighbours` smallest.
     fn strangeness_by_definition(d: &AnomalyDetector) -> Option<f64> {
-        let (w, k, dims) = (d.config.pattern, d.config.neighbours, d.dims);
+        let (w, k, dims, gap) = (
+            d.config.pattern,
+            d.config.neighbours,
+            d.dims,
+            d.config.exclusion,
+        );
         let n = d.len();
-        if n < 2 * w + k {
+        if n < 2 * w + k + gap {
             return None;
         }
         let values: Vec<f64> = d.values.iter().copied().collect();
@@ -689,7 +739,7 @@ mod tests {
             })
             .collect();
         let newest = &values[(n - w) * dims..];
-        let mut all: Vec<f64> = ((w - 1)..=(n - 1 - w))
+        let mut all: Vec<f64> = ((w - 1)..=(n - 1 - w - gap))
             .map(|end| {
                 let past = &values[(end + 1 - w) * dims..(end + 1) * dims];
                 let mut d2 = 0.0;
