@@ -206,7 +206,9 @@ impl AnomalyDetector {
         debug_assert!(config.validate().is_empty());
         let dims = dims.max(1);
         Self {
-            values: VecDeque::with_capacity(config.memory * dims),
+            // Grown as values come (`grow_within`): a short replay of many series does not pay
+            // for memory it never fills.
+            values: VecDeque::new(),
             sums: vec![(0.0, 0.0); dims],
             calibration: Calibrator::new(config.calibration),
             pooled: Calibrator::new(config.calibration),
@@ -301,6 +303,7 @@ impl AnomalyDetector {
             }
             self.values.drain(..self.dims);
         }
+        grow_within(&mut self.values, self.dims, self.config.memory * self.dims);
         for (s, &v) in self.sums.iter_mut().zip(value) {
             s.0 += v;
             s.1 += v * v;
@@ -388,6 +391,19 @@ impl AnomalyDetector {
     }
 }
 
+/// Makes room in `ring` for `more` values, holding at most `bound`: the capacity doubles as the
+/// ring fills (from 16), and its last step stops at the bound. A ring reserved at its bound from
+/// the start costs every new series its whole memory at once (the allocator touches every page
+/// of it), which a short replay of many series never fills; one grown by `VecDeque`'s own
+/// doubling would end up to twice the bound, which a long run of many series keeps.
+fn grow_within<T>(ring: &mut VecDeque<T>, more: usize, bound: usize) {
+    let need = ring.len() + more;
+    if need > ring.capacity() {
+        let target = (2 * ring.capacity()).max(16).min(bound).max(need);
+        ring.reserve_exact(target - ring.len());
+    }
+}
+
 /// A bounded window of a statistic's recent values, turning a new value into a tail probability.
 #[derive(Debug, Clone)]
 struct Calibrator {
@@ -399,7 +415,7 @@ struct Calibrator {
 impl Calibrator {
     fn new(cap: usize) -> Self {
         Self {
-            values: VecDeque::with_capacity(cap),
+            values: VecDeque::new(),
             cap,
         }
     }
@@ -412,6 +428,7 @@ impl Calibrator {
         if self.values.len() == self.cap {
             self.values.pop_front();
         }
+        grow_within(&mut self.values, 1, self.cap);
         self.values.push_back(x);
     }
 
@@ -549,6 +566,26 @@ mod tests {
         };
         let err = AnomalyDetector::restored(small, original.state()).unwrap_err();
         assert!(err.contains("more than the configured 100"), "{err}");
+    }
+
+    #[test]
+    fn memory_grows_with_the_series_and_stops_at_its_bound() {
+        let config = AnomalyConfig::default();
+        let mut d = AnomalyDetector::new(config.clone(), 2);
+        for i in 0..40 {
+            d.update(&[seasonal(i), noise(i)]);
+        }
+        // A young series holds little more than it has seen...
+        assert!(d.values.capacity() <= 128, "{}", d.values.capacity());
+        assert!(d.calibration.values.capacity() <= 64);
+        for i in 40..3000 {
+            d.update(&[seasonal(i), noise(i)]);
+        }
+        // ...and an old one no more than its bounds.
+        assert_eq!(d.len(), config.memory);
+        assert_eq!(d.values.capacity(), 2 * config.memory);
+        assert_eq!(d.calibration.values.capacity(), config.calibration);
+        assert_eq!(d.pooled.values.capacity(), config.calibration);
     }
 
     #[test]
