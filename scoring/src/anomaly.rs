@@ -393,9 +393,9 @@ impl AnomalyDetector {
 
 /// Makes room in `ring` for `more` values, holding at most `bound`: the capacity doubles as the
 /// ring fills (from 16), and its last step stops at the bound. A ring reserved at its bound from
-/// the start costs every new series its whole memory at once (the allocator touches every page
-/// of it), which a short replay of many series never fills; one grown by `VecDeque`'s own
-/// doubling would end up to twice the bound, which a long run of many series keeps.
+/// the start costs every new series its whole memory at once (fresh pages, which the kernel
+/// zeroes), which a short replay of many series never fills; one grown by `VecDeque`'s own
+/// doubling would end up at up to twice the bound, which a long run of many series keeps.
 fn grow_within<T>(ring: &mut VecDeque<T>, more: usize, bound: usize) {
     let need = ring.len() + more;
     if need > ring.capacity() {
