@@ -170,23 +170,13 @@ pub(crate) mod tests {
         (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     }
 
-    /// augurs' fit of one model form (no trend, trend, damped trend) to `y`, and its forecast
-    /// of `steps` steps with standard deviations.
+    /// augurs' fit of one model form (no trend, trend, damped trend) to `y`, as the scorer fits
+    /// it, and its forecast of `steps` steps with standard deviations.
     fn fitted(trend: bool, damped: bool, y: &[f64], steps: usize) -> (Vec<f64>, Vec<f64>) {
-        let f = Unfit::new(ModelType {
-            error: ErrorComponent::Additive,
-            trend: if trend {
-                TrendComponent::Additive
-            } else {
-                TrendComponent::None
-            },
-            season: SeasonalComponent::None,
-        })
-        .damped(damped)
-        .fit(y)
-        .expect("fit")
-        .predict(steps, 0.95)
-        .expect("predict");
+        let f = crate::fit_form(trend, damped, y)
+            .expect("fit")
+            .predict(steps, 0.95)
+            .expect("predict");
         let iv = f.intervals.expect("intervals");
         let z = 1.959_963_984_540_054;
         let sds = iv
