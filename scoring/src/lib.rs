@@ -1214,9 +1214,9 @@ fn fit_form(trend: bool, damped: bool, history: &[f64]) -> Option<augurs::ets::m
 }
 
 /// The model augurs' `AutoETS::new(1, "AZN")` chooses for `history` (of the forms with an AICc,
-/// the one with the least, the first of equals), fitted as [`fit_form`] fits it. AutoETS fits with `nmse` 3 and has
-/// no setting for it. (AutoETS also refuses a history of 6 values or fewer, which the scorer
-/// never fits: `min_history` is at least 8.)
+/// the one with the least, the first of equals), fitted as [`fit_form`] fits it. AutoETS fits
+/// with `nmse` 3 and has no setting for it. (AutoETS also refuses a history of 6 values or
+/// fewer, which the scorer never fits: `min_history` is at least 8.)
 fn choose_form(history: &[f64]) -> Option<augurs::ets::model::Model> {
     ETS_FORMS
         .iter()
