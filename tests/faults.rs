@@ -686,6 +686,7 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
         .measured
         .insert("drained_after_restart_s".into(), drained.as_secs_f64());
     if let Err(e) = tally.report() {
+        print_process_log(&world, "all");
         print_broker_log(&tansu);
         return Err(e);
     }
@@ -695,6 +696,28 @@ async fn broker_stopped_for_60_s() -> anyhow::Result<()> {
     );
     drop(tansu);
     world.finish().await
+}
+
+/// What the stages said when scenario 2's counts fail (partitions revoked and restored from
+/// which offsets, outputs refused and sent again): their warnings and the fleet stage's lines
+/// (the stage whose rounds a restore can change), the first 60 and the last 40, so that a run of
+/// the test command that fails once can be explained from its output alone.
+fn print_process_log(world: &World, log: &str) {
+    let text = std::fs::read_to_string(world.log(log)).unwrap_or_default();
+    let said: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("fleet"))
+        .collect();
+    let head = &said[..said.len().min(60)];
+    let tail = &said[said.len().saturating_sub(40).max(head.len())..];
+    eprintln!(
+        "broker-stop: the stages' log, {} warnings and fleet lines; the first {}:\n{}\nthe last {}:\n{}",
+        said.len(),
+        head.len(),
+        head.join("\n"),
+        tail.len(),
+        tail.join("\n")
+    );
 }
 
 /// What the broker said when scenario 2 fails: its panics (a panic in its storage task leaves
