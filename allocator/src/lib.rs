@@ -49,7 +49,7 @@ use foresight_events::{
     Action, ActionKind, Alternative, Band, Decision, DependencyEdge, DependencyGraph, EntityId,
     ErrorClass, FailureReport, GraphConfig, Inventory, InventoryUpdate, Origin, Output, Processor,
     Rejection, RiskScore, StateChange, StateError, decode_json_state, encode_json_state,
-    partition_key,
+    partition_key, partitions_ahead,
 };
 use serde::{Deserialize, Serialize};
 
@@ -367,6 +367,20 @@ pub struct Allocator {
     dirty: BTreeSet<EntityId>,
     /// The clocks each partition's last checkpoint holds.
     checkpointed: HashMap<i32, Progress>,
+    /// How far each partition of the scores has delivered (live, not checkpointed).
+    reading: BTreeMap<i32, Reading>,
+    /// The runtime pauses the partitions [`Processor::held`] names: beyond the bound on open
+    /// rounds, wait for the partitions behind instead of deciding with part of a round.
+    hold: bool,
+}
+
+/// How far a partition of the scores has delivered.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reading {
+    /// The newest score time it delivered.
+    newest: Option<DateTime<Utc>>,
+    /// Caught up with its input, as the runtime last said.
+    idle: bool,
 }
 
 impl Allocator {
@@ -402,6 +416,8 @@ impl Allocator {
             max_round_size: defaults.max_round_size,
             dirty: BTreeSet::new(),
             checkpointed: HashMap::new(),
+            reading: BTreeMap::new(),
+            hold: false,
         })
     }
 
@@ -480,10 +496,28 @@ impl Allocator {
             }
             self.close(t, out);
         }
-        while self.rounds.len() > self.max_open_rounds {
+        self.close_over_bound(out);
+    }
+
+    /// Decides the oldest rounds, with what they have, while more are open than the bound
+    /// allows, unless the runtime pauses partitions while one the oldest waits for catches up.
+    fn close_over_bound(&mut self, out: &mut Vec<Output<Decision>>) {
+        while self.rounds.len() > self.max_open_rounds && self.ahead_of_oldest().is_none() {
             let oldest = *self.rounds.keys().next().expect("not empty");
             self.close(oldest, out);
         }
+    }
+
+    /// With the runtime pausing partitions, and a partition not caught up that has delivered
+    /// nothing past the oldest open round (the fleet stage emits whole rounds, and each
+    /// partition's scores in time order, so the round's missing scores can only come from
+    /// such a one): the partitions past it.
+    fn ahead_of_oldest(&self) -> Option<Vec<i32>> {
+        let t = *self.rounds.keys().next()?;
+        if !self.hold {
+            return None;
+        }
+        partitions_ahead(self.reading.iter().map(|(&p, r)| (p, r.newest, r.idle)), t)
     }
 
     /// Notes the input partition `entity`'s input comes from: its state goes into that
@@ -1156,6 +1190,9 @@ impl Processor for Allocator {
         match input {
             AllocatorInput::Score(s) => {
                 self.owned_by(&s.entity, origin.partition);
+                let r = self.reading.entry(origin.partition).or_default();
+                r.newest = Some(r.newest.map_or(s.time, |n| n.max(s.time)));
+                r.idle = false;
                 self.score(s, out)
             }
             AllocatorInput::Inventory(u) => self.pool.apply(&u.change),
@@ -1167,7 +1204,34 @@ impl Processor for Allocator {
         }
     }
 
+    fn watches_partitions(&self) -> bool {
+        true
+    }
+
+    fn assigned(&mut self, partition: i32) {
+        self.reading.entry(partition).or_default().idle = false;
+    }
+
+    fn idle(&mut self, partition: i32, out: &mut Vec<Output<Decision>>) {
+        self.reading.entry(partition).or_default().idle = true;
+        self.close_over_bound(out);
+    }
+
+    fn hold_partitions(&mut self) {
+        self.hold = true;
+    }
+
+    /// With the bound on open rounds reached: the partitions past the oldest open round, while
+    /// one that has not reached it is still being read.
+    fn held(&self) -> Vec<i32> {
+        if self.rounds.len() < self.max_open_rounds {
+            return Vec::new();
+        }
+        self.ahead_of_oldest().unwrap_or_default()
+    }
+
     fn forget_partition(&mut self, partition: i32) {
+        self.reading.remove(&partition);
         let gone: BTreeSet<EntityId> = self
             .entities
             .iter()

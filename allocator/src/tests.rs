@@ -233,6 +233,102 @@ fn rounds_are_decided_by_priority_whatever_the_arrival_order() {
 }
 
 #[test]
+fn beyond_the_bound_on_open_rounds_partitions_ahead_are_held_not_rounds_decided_in_part() {
+    // A consumer catching up reads one partition's whole backlog of scores before the next
+    // one's. Deciding the oldest rounds with part of their scores, once more are open than the
+    // bound allows, gives other decisions than the replay's; holding the partitions ahead until
+    // the others catch up gives the same.
+    let inv = Inventory {
+        nodes: vec![node("a", 4.0), node("b", 4.0), node("spare", 4.0)],
+        workloads: vec![
+            workload("wa", 3.0, &["a"], 1),
+            workload("wb", 3.0, &["b"], 1),
+        ],
+        spares: vec![],
+    };
+    // (partition, score): b, with the higher expected impact, is on partition 1.
+    let mut inputs = Vec::new();
+    for minute in 10..16 {
+        for (partition, e, p, impact) in [
+            (0, "a", 0.8, 1.0),
+            (1, "b", 0.75, 3.0),
+            (0, "spare", 0.0, 1.0),
+        ] {
+            let mut s = score(e, minute, p);
+            s.impact = impact;
+            s.rank = Some(Rank { position: 0, of: 3 });
+            inputs.push((partition, s));
+        }
+    }
+    let new = || {
+        let mut a = Allocator::new(Policy::default(), &inv, GraphConfig::default()).unwrap();
+        a.max_open_rounds = 2;
+        a
+    };
+    let decide = |a: &mut Allocator, input: &(i32, RiskScore), out: &mut Vec<Output<Decision>>| {
+        let origin = Origin {
+            input: 0,
+            partition: input.0,
+            offset: 0,
+        };
+        a.process(AllocatorInput::Score(input.1.clone()), origin, out);
+    };
+    let decisions = |out: Vec<Output<Decision>>| -> Vec<Decision> {
+        out.into_iter()
+            .map(|o| match o {
+                Output::Event(d) => d,
+                Output::Rejected(r) => panic!("{r:?}"),
+            })
+            .collect()
+    };
+    let mut in_order = new();
+    let mut out = Vec::new();
+    for input in &inputs {
+        decide(&mut in_order, input, &mut out);
+    }
+    let want = decisions(out);
+    assert_eq!(want.first().map(|d| d.action.target.as_str()), Some("wb"));
+    // Partition 0's backlog first, then partition 1's, pausing what the allocator holds, as
+    // the live runtime does (which first tells it of every partition assigned).
+    let catching_up = |a: &mut Allocator| -> Vec<Decision> {
+        a.assigned(0);
+        a.assigned(1);
+        let mut queues: BTreeMap<i32, std::collections::VecDeque<(i32, RiskScore)>> =
+            BTreeMap::new();
+        for input in &inputs {
+            queues.entry(input.0).or_default().push_back(input.clone());
+        }
+        let mut out = Vec::new();
+        loop {
+            let held = a.held();
+            let Some(queue) = queues
+                .iter_mut()
+                .find(|(p, q)| !q.is_empty() && !held.contains(p))
+                .map(|(_, q)| q)
+            else {
+                break;
+            };
+            let input = queue.pop_front().expect("not empty");
+            decide(a, &input, &mut out);
+        }
+        assert!(
+            queues.values().all(|q| q.is_empty()),
+            "every partition held"
+        );
+        decisions(out)
+    };
+    let mut held = new();
+    held.hold_partitions();
+    assert_eq!(catching_up(&mut held), want);
+    // Not held (no runtime pausing), the bound decides rounds without b's score: a takes the
+    // room b would have had.
+    let mut unheld = new();
+    let got = catching_up(&mut unheld);
+    assert_ne!(got, want);
+    assert_eq!(got.first().map(|d| d.action.target.as_str()), Some("wa"));
+}
+
+#[test]
 fn velocity_limits_defer_and_report() {
     let mut policy = Policy::default();
     policy.limits.per_minute = 2;

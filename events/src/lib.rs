@@ -29,6 +29,7 @@ pub use inventory::{
 pub use stage::{
     InputPartition, Origin, Output, Processor, Rejection, StateChange, StateError,
     decode_json_state, decode_state, encode_json_state, encode_state, partition_key,
+    partitions_ahead,
 };
 pub use types::{
     Action, ActionKind, ActuationOutcome, Alternative, Band, Contributor, Decision, DependencyEdge,
@@ -208,5 +209,22 @@ mod tests {
             let text = serde_json::to_string(&schema).unwrap();
             assert!(text.contains("properties"), "{kind}");
         }
+    }
+
+    #[test]
+    fn partitions_ahead_are_named_only_while_one_not_caught_up_is_behind() {
+        let at = |m: i64| Some(chrono::Utc.timestamp_opt(m * 60, 0).unwrap());
+        let due = at(10).unwrap();
+        // Partition 2 has delivered nothing yet: 0 and 1, past the round, may wait for it.
+        let v = [(0, at(12), false), (1, at(11), false), (2, None, false)];
+        assert_eq!(partitions_ahead(v, due), Some(vec![0, 1]));
+        // Behind but caught up (idle): nothing to wait for; neither is anything behind.
+        assert_eq!(
+            partitions_ahead([(0, at(12), false), (1, at(3), true)], due),
+            None
+        );
+        assert_eq!(partitions_ahead([(0, at(12), false)], due), None);
+        // At the due time is not past it: still behind; nothing ahead to pause.
+        assert_eq!(partitions_ahead([(0, at(10), false)], due), Some(vec![]));
     }
 }

@@ -97,6 +97,24 @@ pub trait Processor {
     /// what becomes ready.
     fn idle(&mut self, _partition: i32, _out: &mut Vec<Output<Self::Output>>) {}
 
+    /// The live runtime pauses the partitions [`Processor::held`] names, so the processor may
+    /// wait for its other partitions instead of closing by its bound with what it has (called
+    /// once, before any input; replay and tests without a runtime never call it).
+    fn hold_partitions(&mut self) {}
+
+    /// Partitions of the first input to stop reading for now (live only, once
+    /// [`Processor::hold_partitions`] was called): the processor holds as much open state as
+    /// its bound allows, and the oldest of it waits for input from the partitions not named.
+    /// The runtime pauses them, and resumes them once they are no longer named, so how the
+    /// partitions' reads interleave (a consumer catching up reads one partition's backlog
+    /// before the next) does not change what the processor emits. A partition that delivers
+    /// nothing while the others are held is reported [`Processor::idle`] after a grace, so a
+    /// partition whose input does not come cannot stop the others for ever. Cheap when nothing
+    /// is held: the runtime asks after every input.
+    fn held(&self) -> Vec<i32> {
+        Vec::new()
+    }
+
     /// Partition `partition` (of every input: inputs are co-partitioned by entity) was revoked
     /// from this instance: drop the state it owns.
     fn forget_partition(&mut self, _partition: i32) {}
@@ -124,6 +142,28 @@ pub trait Processor {
     ) -> Result<(), StateError> {
         Ok(())
     }
+}
+
+/// For a processor whose open rounds wait for every input partition ([`Processor::held`]): given
+/// each partition as (partition, newest event time it has delivered, `None` before its first,
+/// and whether the runtime found it caught up), and `due`, the time a partition must have
+/// delivered past for the oldest open round to have all of its input: `None` when no partition
+/// that is not caught up is behind it (reading brings that round nothing more), else the
+/// partitions past it, which the runtime may pause while the others catch up.
+pub fn partitions_ahead(
+    partitions: impl IntoIterator<Item = (i32, Option<chrono::DateTime<chrono::Utc>>, bool)>,
+    due: chrono::DateTime<chrono::Utc>,
+) -> Option<Vec<i32>> {
+    let mut behind = false;
+    let mut ahead = Vec::new();
+    for (partition, newest, idle) in partitions {
+        match newest {
+            _ if idle => {}
+            Some(n) if n > due => ahead.push(partition),
+            _ => behind = true,
+        }
+    }
+    behind.then_some(ahead)
 }
 
 /// The checkpoint key of state a partition owns as a whole (not an entity's: a clock, a

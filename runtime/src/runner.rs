@@ -236,6 +236,11 @@ impl Progress {
         *self.injected.lock().unwrap_or_else(PoisonError::into_inner) = Some(fault);
     }
 
+    /// The fault injected and not yet taken, if any.
+    fn injected(&self) -> Option<Fault> {
+        *self.injected.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Takes the fault injected, if any: a consumer's is applied to `consumer` here, the
     /// others are returned for the stage to apply.
     pub(crate) fn take_fault(
@@ -716,6 +721,8 @@ where
     };
     // Ends of partitions are reported only to processors that wait for every partition.
     let eof = stage.processor.watches_partitions();
+    // Partitions a processor holds are paused here (see `hold` below).
+    stage.processor.hold_partitions();
     let mut consumer =
         kafka::consumer_with(kafka_config, &group, eof, progress.consumer.clone()).map_err(err)?;
     let latency = telemetry::Latency::new(name);
@@ -767,6 +774,16 @@ where
     let mut served_again: std::collections::HashSet<InputPartition> = Default::default();
     // Partitions of a replaced consumer, to forget as if revoked.
     let mut dropped: Vec<(String, i32)> = Vec::new();
+    // First-input partitions paused because the processor holds them.
+    let mut paused: std::collections::BTreeSet<i32> = Default::default();
+    // The consumer paused whole by an injected fault (tests): holds are left alone.
+    let mut wedged = false;
+    // First-input partitions the others were held for, found delivering nothing for the grace
+    // (told to the processor as idle at the top of the loop).
+    let mut given_up: Vec<i32> = Vec::new();
+    // When the first input last delivered (or a hold began): other inputs (observed edges)
+    // may flow on while the partitions waited for deliver nothing.
+    let mut first_input_at = tokio::time::Instant::now();
     loop {
         if let Some(Stall::Reading { .. }) = stalled.take() {
             // Let what is in flight land (bounded), store its offsets and commit them, so the
@@ -818,6 +835,8 @@ where
             }
             tracing::info!(stage = name, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
             watchdog.replaced();
+            paused.clear();
+            wedged = false;
         }
         // A replaced consumer's partitions first, then the rebalances in the order they came.
         let changes = std::mem::take(&mut dropped)
@@ -829,6 +848,10 @@ where
                 Rebalanced::Assigned(topic, partition) => {
                     if input_index(&topic) == Some(0) {
                         stage.processor.assigned(partition);
+                        // Assigned anew: read it (librdkafka keeps a partition paused across
+                        // a revocation and a new assignment).
+                        paused.remove(&partition);
+                        resume(name, &consumer, &topic, &[partition]);
                     }
                     continue;
                 }
@@ -863,17 +886,21 @@ where
             next_read.remove(&partition);
         }
         // Partitions caught up for the grace period: the processor need not wait for them.
-        let due: Vec<i32> = caught_up_at
+        // Nor for those that delivered nothing for as long while the others were held for them.
+        let due: Vec<(i32, bool)> = caught_up_at
             .iter()
             .filter(|(_, since)| since.elapsed() >= runner.idle_grace)
-            .map(|(p, _)| *p)
+            .map(|(p, _)| (*p, true))
+            .chain(given_up.drain(..).map(|p| (p, false)))
             .collect();
-        for p in due {
+        for (p, at_end) in due {
             caught_up_at.remove(&p);
             // Still at the end (input written since is read soon; wait for its end again)?
-            if !tokio::task::block_in_place(|| {
-                caught_up(&consumer, &input_topics[0], p, &next_read)
-            }) || !idle.insert(p)
+            if (at_end
+                && !tokio::task::block_in_place(|| {
+                    caught_up(&consumer, &input_topics[0], p, &next_read)
+                }))
+                || !idle.insert(p)
             {
                 continue;
             }
@@ -919,6 +946,17 @@ where
         }
         if failure.is_some() {
             break;
+        }
+        if !wedged
+            && hold(
+                name,
+                &consumer,
+                &input_topics[0],
+                stage.processor.held(),
+                &mut paused,
+            )
+        {
+            first_input_at = tokio::time::Instant::now();
         }
         tokio::select! {
             // Shutdown first, then acknowledgements (they free in-flight room and let offsets
@@ -1004,10 +1042,29 @@ where
                     }
                 };
                 store(&consumer, &stage.inputs, storable);
-                if let Some(Fault::RefuseDelivery) = progress.take_fault(name, &consumer) {
-                    refusing = true;
+                // A paused consumer (injected) stays paused whatever the processor holds, until
+                // the watchdog replaces it.
+                let pausing = progress.injected() == Some(Fault::PauseConsumer);
+                match progress.take_fault(name, &consumer) {
+                    Some(Fault::RefuseDelivery) => refusing = true,
+                    None if pausing => wedged = true,
+                    _ => {}
                 }
                 progress.in_flight.store(tracker.in_flight() as u64, Ordering::Relaxed);
+                if !wedged && !paused.is_empty() && first_input_at.elapsed() >= runner.idle_grace {
+                    // The partitions the held ones wait for delivered nothing for the grace
+                    // (their input does not come): the processor stops waiting for them until
+                    // they deliver again, as for a partition caught up.
+                    given_up = kafka::owned(&consumer)
+                        .into_iter()
+                        .filter(|(t, p)| {
+                            input_index(t) == Some(0) && !paused.contains(p) && !idle.contains(p)
+                        })
+                        .map(|(_, p)| p)
+                        .collect();
+                    tracing::warn!(stage = name, held = ?paused, waited_for = ?given_up, grace = ?runner.idle_grace, "Partitions held for others that delivered nothing: those are now taken as caught up.");
+                    first_input_at = tokio::time::Instant::now();
+                }
                 if let Some(stall) = watchdog.check(&consumer, tracker.in_flight(), runner.max_in_flight) {
                     progress.stalls.fetch_add(1, Ordering::Relaxed);
                     stalled = Some(stall);
@@ -1068,6 +1125,7 @@ where
                 let partition = InputPartition { input, partition: message.partition() };
                 let offset = message.offset();
                 if input == 0 {
+                    first_input_at = tokio::time::Instant::now();
                     next_read.insert(partition.partition, offset + 1);
                     idle.remove(&partition.partition);
                     caught_up_at.remove(&partition.partition);
@@ -1220,6 +1278,58 @@ where
         report,
         failure,
     )
+}
+
+/// Pauses the partitions of the first input `topic` the processor holds ([`Processor::held`])
+/// and resumes those it no longer holds. Paused, a partition's input waits at the broker
+/// (librdkafka drops what it had fetched of it and fetches again from the position on resume),
+/// so nothing is lost and what is read keeps its order. Returns whether a hold began.
+fn hold(
+    stage: &'static str,
+    consumer: &StreamConsumer<RebalanceContext>,
+    topic: &str,
+    held: Vec<i32>,
+    paused: &mut std::collections::BTreeSet<i32>,
+) -> bool {
+    if held.len() == paused.len() && held.iter().all(|p| paused.contains(p)) {
+        return false;
+    }
+    let began = paused.is_empty();
+    let held: std::collections::BTreeSet<i32> = held.into_iter().collect();
+    let more: Vec<i32> = held.difference(paused).copied().collect();
+    let fewer: Vec<i32> = paused.difference(&held).copied().collect();
+    if !more.is_empty()
+        && let Err(e) = consumer.pause(&partition_list(topic, &more))
+    {
+        tracing::warn!(stage, partitions = ?more, error = %e, "Could not pause held partitions; they are read on.");
+    }
+    resume(stage, consumer, topic, &fewer);
+    tracing::debug!(stage, held = ?held, "Partitions held until the others catch up.");
+    *paused = held;
+    began
+}
+
+/// Resumes reading `partitions` of `topic` (a partition not assigned any more is skipped).
+fn resume(
+    stage: &'static str,
+    consumer: &StreamConsumer<RebalanceContext>,
+    topic: &str,
+    partitions: &[i32],
+) {
+    if partitions.is_empty() {
+        return;
+    }
+    if let Err(e) = consumer.resume(&partition_list(topic, partitions)) {
+        tracing::debug!(stage, partitions = ?partitions, error = %e, "Partitions not resumed (revoked since).");
+    }
+}
+
+fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    tpl
 }
 
 /// Whether this consumer has read everything partition `p` of `topic` holds now (false when the

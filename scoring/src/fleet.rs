@@ -27,16 +27,19 @@
 //! ## Rounds and determinism
 //! Rounds close on an event-time **watermark** over the input partitions, as in Flink: the
 //! watermark is the least, over the partitions that are not idle, of the newest score time each
-//! has delivered; round `T` closes once `T + lateness` is below it (or when more than
-//! `max_open_rounds` are open). A partition the runtime has assigned but that has delivered
-//! nothing yet holds the watermark back (so a consumer catching up on a backlog waits for every
-//! partition); one the runtime reports as caught up ([`Processor::idle`]) does not, so a quiet
-//! partition never stalls the fleet; when every partition is caught up, the watermark is the
-//! newest time seen anywhere. So the content of a round does not depend on how the partitions
-//! interleave, as long as no score is later than `lateness` behind its partition, and live and
-//! replay agree. A score arriving for an already closed round is scored alone at once (no peers)
-//! and counted in [`Fleet::late`]. Dependency edges are applied to the graph when the first
-//! round at or after their time closes.
+//! has delivered; round `T` closes once `T + lateness` is below it. A partition the runtime has
+//! assigned but that has delivered nothing yet holds the watermark back (so a consumer catching
+//! up on a backlog waits for every partition); one the runtime reports as caught up
+//! ([`Processor::idle`]) does not, so a quiet partition never stalls the fleet; when every
+//! partition is caught up, the watermark is the newest time seen anywhere. Open rounds are
+//! bounded (`max_open_rounds`): live, the runtime then pauses the partitions past the oldest
+//! open round ([`Processor::held`]) until the partitions it waits for catch up, as a consumer
+//! reading one partition's backlog before the next needs; without a runtime that pauses (or
+//! with nothing left to wait for), the oldest round closes with what it has. So the content of
+//! a round does not depend on how the partitions interleave, as long as no score is later than
+//! `lateness` behind its partition, and live and replay agree. A score arriving for an already
+//! closed round is scored alone at once (no peers) and counted in [`Fleet::late`]. Dependency
+//! edges are applied to the graph when the first round at or after their time closes.
 //!
 //! The stage keeps state (open rounds, the roster, peer histories, observed edges), owned by the
 //! partition of the entity it is about and checkpointed with the input offsets it reflects, like
@@ -53,6 +56,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use foresight_events::{
     Contributor, DependencyEdge, DependencyGraph, EntityId, GraphConfig, Origin, Output, Processor,
     Rank, RiskScore, ScoreMethod, StateChange, StateError, decode_json_state, encode_json_state,
+    partitions_ahead,
 };
 use serde::{Deserialize, Serialize};
 
@@ -172,7 +176,9 @@ pub struct FleetConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub lateness: Option<Duration>,
-    /// Most rounds open at once; beyond, the oldest is closed with what it has.
+    /// Most rounds open at once. Beyond, live, the partitions ahead are paused until those the
+    /// oldest round waits for catch up (or, delivering nothing, are found idle); without a
+    /// runtime that pauses, the oldest is closed with what it has.
     pub max_open_rounds: usize,
     /// Most entities kept (roster, histories, latest probabilities); beyond, the least recently
     /// seen are forgotten.
@@ -375,6 +381,9 @@ pub struct Fleet {
     model: Option<Box<dyn Predictor>>,
     late: u64,
     redelivered: u64,
+    /// The runtime pauses the partitions [`Processor::held`] names: beyond the bound on open
+    /// rounds, wait for the partitions behind instead of closing with what there is.
+    hold: bool,
 }
 
 impl Fleet {
@@ -413,6 +422,7 @@ impl Fleet {
             model: None,
             late: 0,
             redelivered: 0,
+            hold: false,
         })
     }
 
@@ -470,12 +480,27 @@ impl Fleet {
         active.map(|p| p.newest).min().flatten()
     }
 
+    /// The time the watermark must pass for round `t` to close: `t` and the lateness.
+    fn due(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let lateness = self.config.lateness.unwrap_or(Duration::from_secs(60));
+        t.checked_add_signed(TimeDelta::from_std(lateness).unwrap_or(TimeDelta::MAX))
+    }
+
     /// Whether round `t` can close: the watermark has passed it by the lateness.
     fn closable(&self, t: DateTime<Utc>) -> bool {
-        let lateness = self.config.lateness.unwrap_or(Duration::from_secs(60));
-        let lateness = TimeDelta::from_std(lateness).unwrap_or(TimeDelta::MAX);
         self.watermark()
-            .is_some_and(|w| t.checked_add_signed(lateness).is_some_and(|x| x < w))
+            .is_some_and(|w| self.due(t).is_some_and(|x| x < w))
+    }
+
+    /// With the runtime pausing partitions, and a partition still holding round `t` back: the
+    /// partitions past it ([`foresight_events::partitions_ahead`]). Then the bound does not
+    /// close the round.
+    fn ahead_of(&self, t: DateTime<Utc>) -> Option<Vec<i32>> {
+        if !self.hold {
+            return None;
+        }
+        let progress = self.progress.iter().map(|(&k, p)| (k, p.newest, p.idle));
+        partitions_ahead(progress, self.due(t).unwrap_or(DateTime::<Utc>::MAX_UTC))
     }
 
     fn close_ready(&mut self, out: &mut Vec<Output<RiskScore>>) {
@@ -483,7 +508,8 @@ impl Fleet {
             let Some(&t) = self.open.keys().next() else {
                 return;
             };
-            if self.closable(t) || self.open.len() > self.config.max_open_rounds {
+            let bound = self.open.len() > self.config.max_open_rounds;
+            if self.closable(t) || (bound && self.ahead_of(t).is_none()) {
                 self.close(t, out);
             } else {
                 return;
@@ -968,6 +994,22 @@ impl Processor for Fleet {
         self.progress.entry(partition).or_default().idle = false;
     }
 
+    fn hold_partitions(&mut self) {
+        self.hold = true;
+    }
+
+    /// With the bound on open rounds reached: the partitions past the oldest open round's due
+    /// time, while some partition still holds that round back.
+    fn held(&self) -> Vec<i32> {
+        if !self.hold || self.open.len() < self.config.max_open_rounds {
+            return Vec::new();
+        }
+        let Some(&t) = self.open.keys().next() else {
+            return Vec::new();
+        };
+        self.ahead_of(t).unwrap_or_default()
+    }
+
     fn idle(&mut self, partition: i32, out: &mut Vec<Output<RiskScore>>) {
         let p = self.progress.entry(partition).or_default();
         if !p.idle {
@@ -1330,6 +1372,79 @@ mod tests {
         assert!(!one.is_empty());
         assert_eq!(by_id(one), by_id(two));
         assert_eq!(f2.late(), 0);
+    }
+
+    /// Reads each partition's inputs in one go, the lowest partition first, as a consumer
+    /// catching up on a backlog does (one partition's fetched batch before the next's), and
+    /// pauses what the fleet holds, as the live runtime does (which first tells it of every
+    /// partition assigned).
+    fn run_catching_up(f: &mut Fleet, inputs: &[(i32, RiskScore)]) -> Vec<RiskScore> {
+        let mut queues: BTreeMap<i32, VecDeque<RiskScore>> = BTreeMap::new();
+        for (p, s) in inputs {
+            queues.entry(*p).or_default().push_back(s.clone());
+        }
+        for &p in queues.keys() {
+            f.assigned(p);
+        }
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let held = f.held();
+            let Some((&p, queue)) = queues
+                .iter_mut()
+                .find(|(p, q)| !q.is_empty() && !held.contains(p))
+            else {
+                break;
+            };
+            let s = queue.pop_front().expect("not empty");
+            f.process(FleetInput::Score(s), origin(p, offset), &mut out);
+            offset += 1;
+        }
+        assert!(
+            queues.values().all(VecDeque::is_empty),
+            "every partition held: {:?}",
+            f.held()
+        );
+        out.into_iter()
+            .map(|o| match o {
+                Output::Event(s) => s,
+                Output::Rejected(r) => panic!("{r:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn beyond_the_bound_on_open_rounds_partitions_ahead_are_held_not_rounds_closed() {
+        // A consumer catching up after an outage reads one partition's whole backlog before the
+        // next one's. With more rounds in it than the bound allows open, closing the oldest
+        // with what it has would publish ids once in full rounds and again in partial ones.
+        let config = FleetConfig {
+            max_open_rounds: 3,
+            ..FleetConfig::default()
+        };
+        let new = || Fleet::new(config.clone(), Bands::default(), GraphConfig::default()).unwrap();
+        let inputs = web_fleet(12);
+        let by_id = |v: Vec<RiskScore>| -> BTreeMap<EventId, RiskScore> {
+            v.into_iter()
+                .map(|s| (foresight_events::EventData::id(&s), s))
+                .collect()
+        };
+        let mut in_order = new();
+        let want = by_id(run(&mut in_order, &inputs));
+        assert!(want.len() >= 50, "{}", want.len());
+
+        // Held: the same rounds, content for content, and none late.
+        let mut held = new();
+        held.hold_partitions();
+        assert_eq!(by_id(run_catching_up(&mut held, &inputs)), want);
+        assert_eq!((held.late(), held.redelivered()), (0, 0));
+
+        // Not held (no runtime pausing: replay, or a processor alone), the bound closes rounds
+        // with partition 0's members only, and partition 1's scores of them come late.
+        let mut unheld = new();
+        let got = by_id(run_catching_up(&mut unheld, &inputs));
+        assert_ne!(got, want);
+        assert!(unheld.late() > 0);
     }
 
     #[test]
