@@ -246,7 +246,7 @@ async fn killed_feature_stage_resumes_and_live_windows_equal_replay() -> anyhow:
 /// it (real Postgres; the store the runner uses).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_instance_cannot_write_over_its_successors_checkpoint() -> anyhow::Result<()> {
-    use foresight::checkpoint::{CheckpointStore, SaveError};
+    use foresight::checkpoint::{Checkpoint, CheckpointStore, SaveError};
     use foresight_events::StateChange;
     let db = TestDb::create().await?;
     let pool = db.pool().await?;
@@ -274,6 +274,7 @@ async fn a_revoked_instance_cannot_write_over_its_successors_checkpoint() -> any
         matches!(
             refused,
             Err(SaveError::Fenced {
+                partition: 0,
                 ours: 1,
                 current: 2
             })
@@ -291,6 +292,45 @@ async fn a_revoked_instance_cannot_write_over_its_successors_checkpoint() -> any
     assert_eq!(old.load(1, &topics, "old").await?.epoch, 1);
     let other = CheckpointStore::new(pool.clone(), "g-scoring".into());
     assert_eq!(other.load(0, &topics, "old").await?.epoch, 1);
+
+    // Checkpoints taken together are written together: with one of them fenced, none is (a
+    // processor whose partitions depend on each other comes back to one cut).
+    let two = old.load(2, &topics, "old").await?;
+    let three = old.load(3, &topics, "old").await?;
+    new.load(3, &topics, "new").await?;
+    let offsets = [(topics[0].clone(), 30)];
+    let changes = |key: &str| {
+        vec![StateChange::Put {
+            key: key.into(),
+            value: b"at 30".to_vec(),
+        }]
+    };
+    let (at_two, at_three) = (changes("node-2"), changes("node-3"));
+    let both = old
+        .save_all(&[
+            Checkpoint {
+                partition: 2,
+                epoch: two.epoch,
+                offsets: &offsets,
+                changes: &at_two,
+            },
+            Checkpoint {
+                partition: 3,
+                epoch: three.epoch,
+                offsets: &offsets,
+                changes: &at_three,
+            },
+        ])
+        .await;
+    assert!(
+        matches!(both, Err(SaveError::Fenced { partition: 3, .. })),
+        "{both:?}"
+    );
+    let two_now = new.load(2, &topics, "new").await?;
+    assert!(
+        two_now.offsets.is_empty() && two_now.entries.is_empty(),
+        "partition 2 written without partition 3: {two_now:?}"
+    );
 
     // A claim made while a checkpoint is being written waits for it, and restores it.
     let mut writing = pool.begin().await?;

@@ -40,6 +40,19 @@ pub struct Restored {
     pub entries: Vec<(String, Vec<u8>)>,
 }
 
+/// One partition's checkpoint, as [`CheckpointStore::save_all`] writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpoint<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// The epoch of this instance's claim on it (from [`CheckpointStore::load`]).
+    pub epoch: i64,
+    /// Next offset to read, per input topic.
+    pub offsets: &'a [(String, i64)],
+    /// Its state's changes since its last checkpoint.
+    pub changes: &'a [StateChange],
+}
+
 /// Why a checkpoint was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
@@ -47,8 +60,10 @@ pub enum SaveError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// Another instance has claimed the partition since this one restored it.
-    #[error("partition claimed by another instance (epoch {current}, ours {ours})")]
+    #[error("partition {partition} claimed by another instance (epoch {current}, ours {ours})")]
     Fenced {
+        /// The partition.
+        partition: i32,
         /// The epoch this instance restored the partition with.
         ours: i64,
         /// The partition's epoch now.
@@ -120,6 +135,40 @@ impl CheckpointStore {
         offsets: &[(String, i64)],
         changes: &[StateChange],
     ) -> Result<(), SaveError> {
+        self.save_all(&[Checkpoint {
+            partition,
+            epoch,
+            offsets,
+            changes,
+        }])
+        .await
+    }
+
+    /// Writes the checkpoints of several partitions, taken together, in one transaction: all
+    /// of them or none. A processor whose partitions' state depends on each other's input (the
+    /// fleet stage's rounds span every partition) so comes back to one cut, even if the process
+    /// dies while writing. Fenced, naming the partition, if one of them is no longer this
+    /// instance's: then none is written.
+    pub async fn save_all(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), SaveError> {
+        let mut tx = self.pool.begin().await?;
+        for c in checkpoints {
+            self.write(&mut tx, c).await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    /// Writes checkpoint `c` within `tx`.
+    async fn write(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        c: &Checkpoint<'_>,
+    ) -> Result<(), SaveError> {
+        let Checkpoint {
+            partition,
+            epoch,
+            offsets,
+            changes,
+        } = *c;
         let mut puts: (Vec<String>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
         let mut deletes: Vec<String> = Vec::new();
         for change in changes {
@@ -131,17 +180,17 @@ impl CheckpointStore {
                 StateChange::Delete { key } => deletes.push(key.clone()),
             }
         }
-        let mut tx = self.pool.begin().await?;
         let current: Option<i64> = sqlx::query_scalar(
             "SELECT epoch FROM partition_owners WHERE consumer_group = $1 AND partition = $2 \
              FOR UPDATE",
         )
         .bind(&self.group)
         .bind(partition)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         if current != Some(epoch) {
             return Err(SaveError::Fenced {
+                partition,
                 ours: epoch,
                 current: current.unwrap_or_default(),
             });
@@ -157,7 +206,7 @@ impl CheckpointStore {
             .bind(partition)
             .bind(keys)
             .bind(states)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         if !deletes.is_empty() {
@@ -167,7 +216,7 @@ impl CheckpointStore {
             .bind(&self.group)
             .bind(partition)
             .bind(&deletes)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         for (topic, next) in offsets {
@@ -181,9 +230,9 @@ impl CheckpointStore {
             .bind(topic)
             .bind(partition)
             .bind(next)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
-        Ok(tx.commit().await?)
+        Ok(())
     }
 }

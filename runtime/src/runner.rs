@@ -40,7 +40,7 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    checkpoint::{CheckpointStore, SaveError},
+    checkpoint::{Checkpoint, CheckpointStore, SaveError},
     config::{KafkaConfig, RunnerConfig},
     kafka::{self, ConsumerState, RebalanceContext, Rebalanced},
     offsets::{OffsetTracker, Resume, Rewind},
@@ -615,8 +615,9 @@ impl Checkpoints {
         Ok(storable)
     }
 
-    /// Writes, in order, the pending checkpoints whose outputs are all acknowledged, and returns
-    /// the offsets that may now be stored in Kafka too.
+    /// Writes the pending checkpoints (taken together) once the outputs emitted before them are
+    /// all acknowledged, in one transaction, and returns the offsets that may now be stored in
+    /// Kafka too.
     async fn write_ready(
         &mut self,
         stage: &'static str,
@@ -624,56 +625,68 @@ impl Checkpoints {
         tracker: &OffsetTracker,
     ) -> Result<Vec<(InputPartition, i64)>, StageError> {
         let mut storable = Vec::new();
-        while let Some(first) = self.pending.first() {
-            if !first
-                .offsets
+        loop {
+            let ready = self
+                .pending
                 .iter()
-                .chain(&first.requires)
-                .all(|(source, next)| tracker.done_until(*source, *next))
-            {
+                .take_while(|c| {
+                    c.offsets
+                        .iter()
+                        .chain(&c.requires)
+                        .all(|(source, next)| tracker.done_until(*source, *next))
+                })
+                .count();
+            if ready == 0 {
                 break;
             }
             // Removed only once written: a failed write (Postgres away) is retried next time,
             // and meanwhile no offset past it is stored.
-            let c = &self.pending[0];
-            let offsets: Vec<(String, i64)> = c
-                .offsets
+            let offsets: Vec<Vec<(String, i64)>> = self.pending[..ready]
                 .iter()
-                .map(|(s, next)| (topics[usize::from(s.input)].clone(), *next))
+                .map(|c| {
+                    c.offsets
+                        .iter()
+                        .map(|(s, next)| (topics[usize::from(s.input)].clone(), *next))
+                        .collect()
+                })
                 .collect();
-            let entries = c.changes.len();
-            let epoch = self.epochs.get(&c.partition).copied().unwrap_or_default();
-            match self
-                .store
-                .save(c.partition, epoch, &offsets, &c.changes)
-                .await
-            {
+            let batch: Vec<Checkpoint<'_>> = self.pending[..ready]
+                .iter()
+                .zip(&offsets)
+                .map(|(c, offsets)| Checkpoint {
+                    partition: c.partition,
+                    epoch: self.epochs.get(&c.partition).copied().unwrap_or_default(),
+                    offsets,
+                    changes: &c.changes,
+                })
+                .collect();
+            match self.store.save_all(&batch).await {
                 Ok(()) => {}
                 Err(SaveError::Database(source)) => {
                     return Err(StageError::Checkpoint {
                         stage,
-                        partition: c.partition,
+                        partition: self.pending[0].partition,
                         source,
                     });
                 }
-                Err(fenced @ SaveError::Fenced { .. }) => {
-                    let partition = c.partition;
+                Err(fenced @ SaveError::Fenced { partition, .. }) => {
                     tracing::warn!(stage, partition, reason = %fenced, "Checkpoint not written: another instance has claimed the partition; its state here is dropped (restored again if its input still comes here).");
                     self.fence(partition);
                     continue;
                 }
             }
-            let c = self.pending.remove(0);
-            tracing::debug!(
-                stage,
-                partition = c.partition,
-                entries,
-                epoch,
-                offsets = ?c.offsets,
-                "Checkpoint written."
-            );
-            storable.extend(c.offsets.iter().copied());
-            self.written.insert(c.partition, c.offsets);
+            for c in self.pending.drain(..ready) {
+                tracing::debug!(
+                    stage,
+                    partition = c.partition,
+                    entries = c.changes.len(),
+                    epoch = self.epochs.get(&c.partition).copied().unwrap_or_default(),
+                    offsets = ?c.offsets,
+                    "Checkpoint written."
+                );
+                storable.extend(c.offsets.iter().copied());
+                self.written.insert(c.partition, c.offsets);
+            }
         }
         Ok(storable)
     }
