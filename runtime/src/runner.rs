@@ -1317,7 +1317,11 @@ fn hold(
         tracing::warn!(stage, partitions = ?more, error = %e, "Could not pause held partitions; they are read on.");
     }
     resume(stage, consumer, topic, &fewer);
-    tracing::debug!(stage, held = ?held, "Partitions held until the others catch up.");
+    if began {
+        tracing::info!(stage, held = ?held, "Partitions held until the others catch up.");
+    } else {
+        tracing::debug!(stage, held = ?held, "Partitions held until the others catch up.");
+    }
     *paused = held;
     began
 }
