@@ -93,8 +93,7 @@ impl<K: std::hash::Hash + Eq + Clone> Resume<K> {
     }
 
     /// Whether reading of `key` has yet to reach its resume point.
-    #[cfg(test)]
-    fn pending(&self, key: &K) -> bool {
+    pub(crate) fn pending(&self, key: &K) -> bool {
         self.at.contains_key(key)
     }
 

@@ -960,16 +960,31 @@ where
         if failure.is_some() {
             break;
         }
-        if !wedged
-            && hold(
+        if !wedged {
+            let (began, resumed) = hold(
                 name,
                 &consumer,
                 &input_topics[0],
                 stage.processor.held(),
                 &mut paused,
-            )
-        {
-            first_input_at = tokio::time::Instant::now();
+            );
+            if began {
+                first_input_at = tokio::time::Instant::now();
+            }
+            // A resumed partition is fetched again from where reading was: a broker may serve
+            // that fetch from past it (tansu, from the next record batch), so reading must be
+            // seen to go on from there, as after a restore (moved back if it does not).
+            if let Some(c) = &mut checkpoints {
+                for p in resumed {
+                    let key = InputPartition {
+                        input: 0,
+                        partition: p,
+                    };
+                    if let (false, Some(&next)) = (c.resume_at.pending(&key), next_read.get(&p)) {
+                        c.resume_at.expect(key, next);
+                    }
+                }
+            }
         }
         tokio::select! {
             // Shutdown first, then acknowledgements (they free in-flight room and let offsets
@@ -1296,16 +1311,17 @@ where
 /// Pauses the partitions of the first input `topic` the processor holds ([`Processor::held`])
 /// and resumes those it no longer holds. Paused, a partition's input waits at the broker
 /// (librdkafka drops what it had fetched of it and fetches again from the position on resume),
-/// so nothing is lost and what is read keeps its order. Returns whether a hold began.
+/// so nothing is lost and what is read keeps its order. Returns whether a hold began, and the
+/// partitions resumed.
 fn hold(
     stage: &'static str,
     consumer: &StreamConsumer<RebalanceContext>,
     topic: &str,
     held: Vec<i32>,
     paused: &mut std::collections::BTreeSet<i32>,
-) -> bool {
+) -> (bool, Vec<i32>) {
     if held.len() == paused.len() && held.iter().all(|p| paused.contains(p)) {
-        return false;
+        return (false, Vec::new());
     }
     let began = paused.is_empty();
     let held: std::collections::BTreeSet<i32> = held.into_iter().collect();
@@ -1323,7 +1339,7 @@ fn hold(
         tracing::debug!(stage, held = ?held, "Partitions held until the others catch up.");
     }
     *paused = held;
-    began
+    (began, fewer)
 }
 
 /// Resumes reading `partitions` of `topic` (a partition not assigned any more is skipped).
