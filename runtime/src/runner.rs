@@ -1310,9 +1310,9 @@ where
 
 /// Pauses the partitions of the first input `topic` the processor holds ([`Processor::held`])
 /// and resumes those it no longer holds. Paused, a partition's input waits at the broker
-/// (librdkafka drops what it had fetched of it and fetches again from the position on resume),
-/// so nothing is lost and what is read keeps its order. Returns whether a hold began, and the
-/// partitions resumed.
+/// (librdkafka drops what it had fetched of it and fetches again from the position on resume;
+/// the caller checks that reading does go on from there), so nothing is lost and what is read
+/// keeps its order. Returns whether a hold began, and the partitions resumed.
 fn hold(
     stage: &'static str,
     consumer: &StreamConsumer<RebalanceContext>,
