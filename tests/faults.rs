@@ -1044,15 +1044,11 @@ async fn the_fleet_and_allocator_started_on_a_backlog_publish_the_replays_rounds
     };
     let (fleet_holds, allocator_holds) = (holds("fleet"), holds("allocator"));
     let mut tally = world.check().await?;
-    tally
-        .measured
-        .insert("caught_up_s".into(), caught_up.as_secs_f64());
-    tally
-        .measured
-        .insert("fleet_holds".into(), fleet_holds as f64);
-    tally
-        .measured
-        .insert("allocator_holds".into(), allocator_holds as f64);
+    tally.measured.extend([
+        ("caught_up_s".to_owned(), caught_up.as_secs_f64()),
+        ("fleet_holds".to_owned(), fleet_holds as f64),
+        ("allocator_holds".to_owned(), allocator_holds as f64),
+    ]);
     tally.report()?;
     // The path under test was taken: reading ran ahead of the bounds, and was held.
     assert!(fleet_holds > 0, "the fleet stage never held a partition");

@@ -189,16 +189,21 @@ fn escalation_bypasses_the_cooldown_of_a_lower_rule() {
     assert!(a.pool.buffers.is_empty());
 }
 
-#[test]
-fn rounds_are_decided_by_priority_whatever_the_arrival_order() {
-    let inv = Inventory {
+/// Nodes a and b each run a 3-CPU workload; only the spare node has room for one more.
+fn two_workloads_one_spare_node() -> Inventory {
+    Inventory {
         nodes: vec![node("a", 4.0), node("b", 4.0), node("spare", 4.0)],
         workloads: vec![
             workload("wa", 3.0, &["a"], 1),
             workload("wb", 3.0, &["b"], 1),
         ],
         spares: vec![],
-    };
+    }
+}
+
+#[test]
+fn rounds_are_decided_by_priority_whatever_the_arrival_order() {
+    let inv = two_workloads_one_spare_node();
     let ranked = |e: &str, p: f64, impact: f64| {
         let mut s = score(e, 10, p);
         s.impact = impact;
@@ -238,14 +243,7 @@ fn beyond_the_bound_on_open_rounds_partitions_ahead_are_held_not_rounds_decided_
     // one's. Deciding the oldest rounds with part of their scores, once more are open than the
     // bound allows, gives other decisions than the replay's; holding the partitions ahead until
     // the others catch up gives the same.
-    let inv = Inventory {
-        nodes: vec![node("a", 4.0), node("b", 4.0), node("spare", 4.0)],
-        workloads: vec![
-            workload("wa", 3.0, &["a"], 1),
-            workload("wb", 3.0, &["b"], 1),
-        ],
-        spares: vec![],
-    };
+    let inv = two_workloads_one_spare_node();
     // (partition, score): b, with the higher expected impact, is on partition 1.
     let mut inputs = Vec::new();
     for minute in 10..16 {
