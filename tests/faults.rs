@@ -228,8 +228,8 @@ impl World {
     }
 
     /// Whether the audit log holds every expected score, and every decision recorded an
-    /// outcome (how many decisions to expect the live run cannot say: see
-    /// `decisions_vs_replay`).
+    /// outcome (whether the decisions are the replay's is for the check to say, after the wait:
+    /// see `caught_up`).
     fn complete(&self, (decisions, scores, decided): (i64, i64, i64)) -> bool {
         scores >= self.reference.scores.len() as i64 && decided >= decisions && decisions > 0
     }
@@ -244,9 +244,12 @@ impl World {
         .await?)
     }
 
-    /// Waits (at most `limit`) until the audit log is complete and stays so, unchanged, for
-    /// 3 s (a decision still on its way, published but not yet recorded or acted on, keeps it
-    /// waiting); returns how long it took to first be complete that last time.
+    /// Waits (at most `limit`) until the audit log is complete, every stage has read its input
+    /// to the end (`lagging`), and both stay so, the audit log unchanged, for 3 s; returns how
+    /// long it took to first be so that last time. The audit log alone cannot say when it is
+    /// complete: how many decisions to expect is what is under test, and a decision still on
+    /// its way (its scores not yet read by the allocator, or published but not yet recorded or
+    /// acted on) once let a test take 2 of 4 decisions as all.
     async fn caught_up(&self, limit: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let waited = eventually("the audit log to hold everything", limit, || async {
@@ -258,9 +261,14 @@ impl World {
             if !self.complete(counts) {
                 return Ok(None);
             }
+            // When it was complete; that every stage has read its input to the end is asked of
+            // the broker right after (a second or so, not counted).
             let at = started.elapsed();
+            if !self.read_to_the_ends().await {
+                return Ok(None);
+            }
             tokio::time::sleep(Duration::from_secs(3)).await;
-            Ok((self.counts().await? == counts).then_some(at))
+            Ok((self.counts().await? == counts && self.read_to_the_ends().await).then_some(at))
         })
         .await;
         match waited {
@@ -293,37 +301,33 @@ impl World {
         }
     }
 
+    /// Whether every stage's group has read its input to the end (no `lagging` partition);
+    /// not while the broker cannot say.
+    async fn read_to_the_ends(&self) -> bool {
+        let (brokers, partitions) = (
+            self.config.kafka.brokers.clone(),
+            self.config.kafka.partitions,
+        );
+        let (topics, groups) = (self.topics.clone(), self.config.kafka.group_prefix.clone());
+        tokio::task::spawn_blocking(move || lagging(&brokers, &topics, &groups, partitions))
+            .await
+            .is_ok_and(|l| l.is_ok_and(|l| l.is_empty()))
+    }
+
     /// Each stage's group's committed offsets against the ends of its input partitions, where
     /// they differ: the stage that stopped is the one behind.
     fn behind(&self) -> String {
-        let brokers = &self.config.kafka.brokers;
-        let partitions = self.config.kafka.partitions;
-        let topics = self.topics.all();
-        let ends = match high_watermarks(brokers, &topics, partitions) {
-            Ok(ends) => ends,
-            Err(e) => return format!("input ends unknown: {e:#}"),
-        };
-        let mut out = String::from("committed offsets behind the ends of their partitions:");
-        let mut any = false;
-        for stage in ALL {
-            let group = format!("{}{stage}", self.config.kafka.group_prefix);
-            match committed(brokers, &group, &topics, partitions) {
-                Ok(offsets) => {
-                    for ((topic, p), o) in offsets {
-                        let end = ends.get(&(topic.clone(), p)).copied().unwrap_or(-1);
-                        if o != end {
-                            any = true;
-                            out.push_str(&format!("\n  {group}: {topic}[{p}] at {o} of {end}"));
-                        }
-                    }
-                }
-                Err(e) => out.push_str(&format!("\n  {group}: not read: {e:#}")),
+        let (k, prefix) = (&self.config.kafka, &self.config.kafka.group_prefix);
+        match lagging(&k.brokers, &self.topics, prefix, k.partitions) {
+            Ok(l) if l.is_empty() => {
+                "committed offsets behind the ends of their partitions: none".into()
             }
+            Ok(l) => format!(
+                "committed offsets behind the ends of their partitions:\n  {}",
+                l.join("\n  ")
+            ),
+            Err(e) => format!("committed offsets unknown: {e:#}"),
         }
-        if !any {
-            out.push_str(" none");
-        }
-        out
     }
 
     /// The first "Stage failed." line of the processes' logs, with the error that follows it.
@@ -513,6 +517,40 @@ impl World {
         self.pool.close().await;
         self.db.drop_db().await
     }
+}
+
+/// Each stage's group's partitions not read to their ends, as "group: topic[p] at o of end":
+/// every partition the group has committed an offset for, and every non-empty partition of the
+/// stage's main input (which it must have read, committed or not).
+fn lagging(
+    brokers: &str,
+    topics: &Topics,
+    group_prefix: &str,
+    partitions: i32,
+) -> anyhow::Result<Vec<String>> {
+    let all = topics.all();
+    let ends = high_watermarks(brokers, &all, partitions)?;
+    let mut out = Vec::new();
+    for stage in ALL {
+        let main = match stage {
+            "features" => &topics.metrics,
+            "scoring" => &topics.features,
+            "fleet" => &topics.entity_scores,
+            "allocator" | "recorder" => &topics.scores,
+            _ => &topics.decisions,
+        };
+        let group = format!("{group_prefix}{stage}");
+        let read = committed(brokers, &group, &all, partitions)?;
+        for ((topic, p), &end) in &ends {
+            let at = read.get(&(topic.clone(), *p)).copied();
+            let owed = at.is_some() || (topic == main && end > 0);
+            if owed && at.is_none_or(|o| o < end) {
+                let at = at.map_or("none".to_owned(), |o| o.to_string());
+                out.push(format!("{group}: {topic}[{p}] at {at} of {end}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The ends (high watermarks) of `topics`' partitions 0..n, by (topic, partition).
@@ -1010,27 +1048,6 @@ async fn the_fleet_and_allocator_started_on_a_backlog_publish_the_replays_rounds
         "downstream",
     )?;
     let caught_up = world.caught_up(Duration::from_secs(180)).await?;
-    // The audit log can be complete before the allocator has read the last rounds (how many
-    // decisions to expect is what is under test): wait for it to have read every score, and
-    // for the audit log to settle again.
-    let (scores, group) = (
-        world.topics.scores.clone(),
-        format!("{}allocator", world.config.kafka.group_prefix),
-    );
-    eventually(
-        "the allocator to have read every score",
-        Duration::from_secs(120),
-        || async {
-            let ends = high_watermarks(&brokers, &[&scores], partitions)?;
-            let read = committed(&brokers, &group, &[&scores], partitions)?;
-            Ok(ends
-                .iter()
-                .all(|(k, end)| read.get(k).is_some_and(|at| at >= end))
-                .then_some(()))
-        },
-    )
-    .await?;
-    world.caught_up(Duration::from_secs(60)).await?;
     upstream.alive()?;
     downstream.alive()?;
     drop((upstream, downstream));
@@ -1052,15 +1069,6 @@ async fn the_fleet_and_allocator_started_on_a_backlog_publish_the_replays_rounds
     tally.report()?;
     // The path under test was taken: reading ran ahead of the bounds, and was held.
     assert!(fleet_holds > 0, "the fleet stage never held a partition");
-    let d = &tally.decisions_vs_replay;
-    assert!(
-        d.observed == d.expected
-            && d.lost == 0
-            && d.unexplained == 0
-            && d.duplicated == 0
-            && d.differs == 0,
-        "decisions other than the replay's: {d:?}"
-    );
     world.finish().await
 }
 

@@ -103,10 +103,11 @@ pub struct Tally {
     /// and action decided under two ids; `unexplained` a decision about a score the replay did
     /// not make.
     pub decisions: Count,
-    /// Decisions as published against the replay's, id for id. Reported, not asserted: which
-    /// scores the allocator considers together in one round depends on the order scores
-    /// arrive from the partitions of the scores topic, which a live run does not fix, so a live
-    /// run may decide differently from the replay without any fault (see docs/reliability.md).
+    /// Decisions as published against the replay's, id for id and content for content: every
+    /// one the replay made, none other, each with the replay's content. The allocator decides
+    /// each round once every partition of `scores` has passed it (holding the partitions read
+    /// ahead), so how a live run reads its partitions cannot change a decision (see
+    /// docs/reliability.md).
     pub decisions_vs_replay: Count,
     /// Published decisions that got an outcome (by decision id); `duplicated`: an outcome id
     /// with two contents.
@@ -191,12 +192,25 @@ impl Tally {
                 faults.push(format!("{what}: {n}"));
             }
         }
-        // The live scores are the replay's, content for content (the fleet stage's rounds do not
-        // depend on how partitions are read). (Windows are not held to it yet: reported.)
-        if self.scores.differs > 0 {
+        // The live scores and decisions are the replay's, content for content (the fleet
+        // stage's and the allocator's rounds do not depend on how partitions are read).
+        // (Windows are not held to it yet: reported.)
+        for (what, c) in [
+            ("scores", &self.scores),
+            ("decisions", &self.decisions_vs_replay),
+        ] {
+            if c.differs > 0 {
+                faults.push(format!(
+                    "{what}: {} of {} published with other content than the replay's",
+                    c.differs, c.expected
+                ));
+            }
+        }
+        let d = &self.decisions_vs_replay;
+        if d.lost > 0 || d.unexplained > 0 {
             faults.push(format!(
-                "scores: {} of {} published with other content than the replay's",
-                self.scores.differs, self.scores.expected
+                "decisions against the replay's: {} of {} not made live, {} made live only",
+                d.lost, d.expected, d.unexplained
             ));
         }
         for (what, c) in [
@@ -433,7 +447,7 @@ pub async fn check(
     let decisions: Vec<Decision> = decode(brokers, &topics.decisions)?;
     let published: BTreeSet<EventId> = decisions.iter().map(EventData::id).collect();
     // What differs from the replay, to say why: the first few of each, so that a log cut short
-    // keeps the tally (a live run may differ here without any fault, see `decisions_vs_replay`).
+    // keeps the tally.
     let unexpected: Vec<&Decision> = decisions
         .iter()
         .filter(|d| !reference.decisions.contains_key(&d.id()))
@@ -466,9 +480,9 @@ pub async fn check(
             .collect(),
     );
     t.decisions_vs_replay = Count::of(&want_decisions, &live);
-    // Against the replay only what cannot depend on arrival order: a decision is unexplained
-    // if the score it is about is not one the replay made, duplicated if its id has two
-    // contents or its score, rule and action were decided twice under different ids.
+    // Against the scores: a decision is unexplained if the score it is about is not one the
+    // replay made, duplicated if its id has two contents or its score, rule and action were
+    // decided twice under different ids (the replay's own decisions: `decisions_vs_replay`).
     let as_published: BTreeMap<EventId, String> = live.iter().cloned().collect();
     let mut per_score: BTreeMap<(EventId, String, String), BTreeSet<EventId>> = BTreeMap::new();
     for d in &decisions {
