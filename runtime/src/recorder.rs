@@ -454,9 +454,15 @@ async fn recorded_offsets(
 }
 
 /// Stores in Kafka the offsets of the jobs written (each already stored in Postgres with its rows).
+///
+/// They are also committed explicitly (every `runner.commit_interval`, [`commit`]), not left to
+/// the consumer's auto-commit alone: after a Postgres outage had held the stage's loop, offsets
+/// stored were seen never committed (the group's committed offset stayed behind what Postgres
+/// holds, for good, and its lag said so).
 fn store(
     consumer: &rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>,
     recorded: &mut HashMap<(String, i32), i64>,
+    due: &mut HashMap<(String, i32), i64>,
     report: &mut StageReport,
     progress: &Progress,
     written: Vec<Written>,
@@ -474,9 +480,36 @@ fn store(
         let next = recorded.entry(key.clone()).or_insert(w.next);
         *next = (*next).max(w.next);
         let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(w.next));
+        let at = due.entry(key).or_insert(w.next);
+        *at = (*at).max(w.next);
     }
     if let Err(e) = consumer.store_offsets(&tpl) {
         tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
+    }
+}
+
+/// Commits the offsets recorded since the last commit (`due`, emptied), in `mode`: those of
+/// partitions the consumer owns (another member's committed offset is not moved back).
+fn commit(
+    consumer: &rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>,
+    due: &mut HashMap<(String, i32), i64>,
+    mode: CommitMode,
+) {
+    if due.is_empty() {
+        return;
+    }
+    let owned: HashSet<(String, i32)> = kafka::owned(consumer).into_iter().collect();
+    let mut tpl = TopicPartitionList::new();
+    for (key, next) in due.drain() {
+        if owned.contains(&key) {
+            let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next));
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::debug!(stage = NAME, error = %e, "Recorded offsets not committed (partition revoked?); the next commit carries them.");
     }
 }
 
@@ -534,14 +567,24 @@ pub(crate) async fn run(
     let mut watch = tokio::time::interval(runner.commit_interval);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalled = false;
+    // Offsets recorded but not yet committed to Kafka.
+    let mut due = HashMap::new();
     'outer: loop {
         if std::mem::take(&mut stalled) {
             // What was read is recorded (and its offsets stored) before the consumer goes.
             let written = writers.drain().await;
-            store(&consumer, &mut recorded, &mut report, progress, written);
+            store(
+                &consumer,
+                &mut recorded,
+                &mut due,
+                &mut report,
+                progress,
+                written,
+            );
             if shutdown.is_cancelled() {
                 break 'outer;
             }
+            commit(&consumer, &mut due, CommitMode::Sync);
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
             }
@@ -582,10 +625,11 @@ pub(crate) async fn run(
                 () = shutdown.cancelled() => { stopping = true; break; }
                 () = &mut deadline, if !next.is_empty() => break,
                 w = writers.written() => {
-                    store(&consumer, &mut recorded, &mut report, progress, vec![w]);
+                    store(&consumer, &mut recorded, &mut due, &mut report, progress, vec![w]);
                     continue;
                 }
                 _ = watch.tick() => {
+                    commit(&consumer, &mut due, CommitMode::Async);
                     if let Some(fault) = progress.take_fault(NAME, &consumer) {
                         tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
                     }
@@ -665,6 +709,7 @@ pub(crate) async fn run(
             // Writing what was read from a revoked partition is harmless (ids dedupe); storing its
             // offset is not possible and not attempted.
             resume.forget(|k| *k == revoked);
+            due.remove(&revoked);
             recorded.remove(&revoked);
         }
 
@@ -722,7 +767,14 @@ pub(crate) async fn run(
             break 'outer;
         }
         let written = writers.try_written();
-        store(&consumer, &mut recorded, &mut report, progress, written);
+        store(
+            &consumer,
+            &mut recorded,
+            &mut due,
+            &mut report,
+            progress,
+            written,
+        );
         if stopping {
             break;
         }
@@ -730,7 +782,15 @@ pub(crate) async fn run(
     // What was read and queued is written (unless Postgres is failing: the shutdown stops the
     // retries, and those offsets are stored nowhere), and its offsets stored.
     let written = writers.close().await;
-    store(&consumer, &mut recorded, &mut report, progress, written);
+    store(
+        &consumer,
+        &mut recorded,
+        &mut due,
+        &mut report,
+        progress,
+        written,
+    );
+    commit(&consumer, &mut due, CommitMode::Sync);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(stage = NAME, error = %e, "Final commit skipped.");
     }
