@@ -453,63 +453,77 @@ async fn recorded_offsets(
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
 }
 
-/// Stores in Kafka the offsets of the jobs written (each already stored in Postgres with its rows).
-///
-/// They are also committed explicitly (every `runner.commit_interval`, [`commit`]), not left to
-/// the consumer's auto-commit alone: after a Postgres outage had held the stage's loop, offsets
-/// stored were seen never committed (the group's committed offset stayed behind what Postgres
-/// holds, for good, and its lag said so).
-fn store(
-    consumer: &rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>,
-    recorded: &mut HashMap<(String, i32), i64>,
-    due: &mut HashMap<(String, i32), i64>,
-    report: &mut StageReport,
-    progress: &Progress,
-    written: Vec<Written>,
-) {
-    if written.is_empty() {
-        return;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for w in written {
-        report.events += w.inserted;
-        progress
-            .events
-            .fetch_add(w.inserted, std::sync::atomic::Ordering::Relaxed);
-        let key = (w.topic, w.partition);
-        let next = recorded.entry(key.clone()).or_insert(w.next);
-        *next = (*next).max(w.next);
-        let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(w.next));
-        let at = due.entry(key).or_insert(w.next);
-        *at = (*at).max(w.next);
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
-    }
+type StageConsumer = rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>;
+
+/// Each partition's next offset as recorded in Postgres, and those of them not yet committed to
+/// Kafka.
+#[derive(Default)]
+struct Recorded {
+    next: HashMap<(String, i32), i64>,
+    due: HashMap<(String, i32), i64>,
 }
 
-/// Commits the offsets recorded since the last commit (`due`, emptied), in `mode`: those of
-/// partitions the consumer owns (another member's committed offset is not moved back).
-fn commit(
-    consumer: &rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>,
-    due: &mut HashMap<(String, i32), i64>,
-    mode: CommitMode,
-) {
-    if due.is_empty() {
-        return;
-    }
-    let owned: HashSet<(String, i32)> = kafka::owned(consumer).into_iter().collect();
-    let mut tpl = TopicPartitionList::new();
-    for (key, next) in due.drain() {
-        if owned.contains(&key) {
-            let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next));
+impl Recorded {
+    /// Stores in Kafka the offsets of the jobs written (each already stored in Postgres with its
+    /// rows).
+    ///
+    /// They are also committed explicitly (every `runner.commit_interval`, [`Recorded::commit`]),
+    /// not left to the consumer's auto-commit alone: after a Postgres outage had held the stage's
+    /// loop, offsets stored were seen never committed (the group's committed offset stayed behind
+    /// what Postgres holds, for good, and its lag said so).
+    fn store(
+        &mut self,
+        consumer: &StageConsumer,
+        report: &mut StageReport,
+        progress: &Progress,
+        written: Vec<Written>,
+    ) {
+        if written.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for w in written {
+            report.events += w.inserted;
+            progress
+                .events
+                .fetch_add(w.inserted, std::sync::atomic::Ordering::Relaxed);
+            let key = (w.topic, w.partition);
+            for map in [&mut self.next, &mut self.due] {
+                let next = map.entry(key.clone()).or_insert(w.next);
+                *next = (*next).max(w.next);
+            }
+            let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(w.next));
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
         }
     }
-    if tpl.count() == 0 {
-        return;
+
+    /// Commits the offsets recorded since the last commit (`due`, emptied), in `mode`: those of
+    /// partitions the consumer owns (another member's committed offset is not moved back).
+    fn commit(&mut self, consumer: &StageConsumer, mode: CommitMode) {
+        if self.due.is_empty() {
+            return;
+        }
+        let owned: HashSet<(String, i32)> = kafka::owned(consumer).into_iter().collect();
+        let mut tpl = TopicPartitionList::new();
+        for (key, next) in self.due.drain() {
+            if owned.contains(&key) {
+                let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::debug!(stage = NAME, error = %e, "Recorded offsets not committed (partition revoked?); the next commit carries them.");
+        }
     }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::debug!(stage = NAME, error = %e, "Recorded offsets not committed (partition revoked?); the next commit carries them.");
+
+    /// Forgets a revoked partition.
+    fn forget(&mut self, key: &(String, i32)) {
+        self.next.remove(key);
+        self.due.remove(key);
     }
 }
 
@@ -543,7 +557,12 @@ pub(crate) async fn run(
 
     let mut recorded = loop {
         match recorded_offsets(&pool, &group).await {
-            Ok(r) => break r,
+            Ok(next) => {
+                break Recorded {
+                    next,
+                    due: HashMap::new(),
+                };
+            }
             Err(e) => {
                 tracing::warn!(stage = NAME, error = %e, "Postgres unavailable; retrying.");
                 tokio::select! {
@@ -556,7 +575,7 @@ pub(crate) async fn run(
     // Where each partition recorded before must resume: a consumer starting past it (its group's
     // commit lags Postgres, or a broker serves a fetch from the next record batch on) is moved back.
     let mut resume = Resume::default();
-    for (key, &next) in &recorded {
+    for (key, &next) in &recorded.next {
         resume.expect(key.clone(), next);
     }
     let mut report = StageReport::default();
@@ -567,24 +586,15 @@ pub(crate) async fn run(
     let mut watch = tokio::time::interval(runner.commit_interval);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stalled = false;
-    // Offsets recorded but not yet committed to Kafka.
-    let mut due = HashMap::new();
     'outer: loop {
         if std::mem::take(&mut stalled) {
             // What was read is recorded (and its offsets stored) before the consumer goes.
             let written = writers.drain().await;
-            store(
-                &consumer,
-                &mut recorded,
-                &mut due,
-                &mut report,
-                progress,
-                written,
-            );
+            recorded.store(&consumer, &mut report, progress, written);
             if shutdown.is_cancelled() {
                 break 'outer;
             }
-            commit(&consumer, &mut due, CommitMode::Sync);
+            recorded.commit(&consumer, CommitMode::Sync);
             if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
                 tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
             }
@@ -597,13 +607,13 @@ pub(crate) async fn run(
                 .map_err(err)?;
             // The new consumer resumes where the audit log says, as at the start.
             match recorded_offsets(&pool, &group).await {
-                Ok(r) => recorded = r,
+                Ok(r) => recorded.next = r,
                 Err(e) => {
                     tracing::warn!(stage = NAME, error = %e, "Recorded offsets not read again; resuming from those known.");
                 }
             }
             resume = Resume::default();
-            for (key, &next) in &recorded {
+            for (key, &next) in &recorded.next {
                 resume.expect(key.clone(), next);
             }
             tracing::info!(stage = NAME, partitions = ?dropped, "Stalled consumer replaced; rejoining the group.");
@@ -625,11 +635,11 @@ pub(crate) async fn run(
                 () = shutdown.cancelled() => { stopping = true; break; }
                 () = &mut deadline, if !next.is_empty() => break,
                 w = writers.written() => {
-                    store(&consumer, &mut recorded, &mut due, &mut report, progress, vec![w]);
+                    recorded.store(&consumer, &mut report, progress, vec![w]);
                     continue;
                 }
                 _ = watch.tick() => {
-                    commit(&consumer, &mut due, CommitMode::Async);
+                    recorded.commit(&consumer, CommitMode::Async);
                     if let Some(fault) = progress.take_fault(NAME, &consumer) {
                         tracing::warn!(stage = NAME, ?fault, "Fault not supported by this stage; ignored.");
                     }
@@ -671,7 +681,11 @@ pub(crate) async fn run(
                 continue;
             }
             next.insert(key.clone(), message.offset() + 1);
-            if recorded.get(&key).is_some_and(|&n| message.offset() < n) {
+            if recorded
+                .next
+                .get(&key)
+                .is_some_and(|&n| message.offset() < n)
+            {
                 // Already recorded (Postgres is ahead of Kafka's commit).
                 tracing::debug!(stage = NAME, topic = %key.0, partition = key.1, offset = message.offset(), "Skipped: recorded before.");
                 continue;
@@ -709,8 +723,7 @@ pub(crate) async fn run(
             // Writing what was read from a revoked partition is harmless (ids dedupe); storing its
             // offset is not possible and not attempted.
             resume.forget(|k| *k == revoked);
-            due.remove(&revoked);
-            recorded.remove(&revoked);
+            recorded.forget(&revoked);
         }
 
         // Dead letters first: an offset is stored only once every output of it is durable.
@@ -767,14 +780,7 @@ pub(crate) async fn run(
             break 'outer;
         }
         let written = writers.try_written();
-        store(
-            &consumer,
-            &mut recorded,
-            &mut due,
-            &mut report,
-            progress,
-            written,
-        );
+        recorded.store(&consumer, &mut report, progress, written);
         if stopping {
             break;
         }
@@ -782,15 +788,8 @@ pub(crate) async fn run(
     // What was read and queued is written (unless Postgres is failing: the shutdown stops the
     // retries, and those offsets are stored nowhere), and its offsets stored.
     let written = writers.close().await;
-    store(
-        &consumer,
-        &mut recorded,
-        &mut due,
-        &mut report,
-        progress,
-        written,
-    );
-    commit(&consumer, &mut due, CommitMode::Sync);
+    recorded.store(&consumer, &mut report, progress, written);
+    recorded.commit(&consumer, CommitMode::Sync);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(stage = NAME, error = %e, "Final commit skipped.");
     }
