@@ -4,7 +4,8 @@
 //! the decision's `inverse`), `FORESIGHT_DECISION_ID` and `FORESIGHT_IDEMPOTENCY_KEY`. Exit 0
 //! is applied; exit 75 (`EX_TEMPFAIL`) is deferred ("not now"); anything else, or running past
 //! the timeout (the program is then killed), is failed. The first `max_output` bytes of stdout
-//! and stderr go into the outcome.
+//! and stderr go into the outcome. A program busy being written is waited out briefly
+//! (`spawn`).
 
 use std::process::Stdio;
 
@@ -50,6 +51,29 @@ async fn read_capped<R: AsyncRead + Unpin>(mut r: R, max: usize) -> String {
     }
 }
 
+/// How many times a start refused because the program is open for writing (`ETXTBSY`) is tried
+/// again, and the first pause before that (doubled each time: 10 ms to 320 ms, 630 ms in all).
+const BUSY_RETRIES: u32 = 6;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Starts `command`, waiting out a program that is busy: Linux refuses to run a file that any
+/// process holds open for writing, and a program just written (deployed, or made by a test) is
+/// briefly held so by every process forked while it was open, even elsewhere in this one, until
+/// they exec. Only the start can fail so, before anything ran: a retry never runs it twice.
+async fn spawn(command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let mut pause = BUSY_PAUSE;
+    for _ in 0..BUSY_RETRIES {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            started => return started,
+        }
+    }
+    command.spawn()
+}
+
 impl Command {
     /// A command actuator.
     pub fn new(config: CommandConfig) -> Self {
@@ -61,7 +85,8 @@ impl Actuate for Command {
     async fn apply(&self, request: Request<'_>) -> Effect {
         let c = &self.config;
         let body = Event::new(SOURCE, request.decision.clone()).to_json();
-        let spawned = tokio::process::Command::new(&c.program)
+        let mut command = tokio::process::Command::new(&c.program);
+        command
             .args(&c.args)
             .envs(&c.env)
             .env("FORESIGHT_OPERATION", request.operation.as_str())
@@ -71,9 +96,8 @@ impl Actuate for Command {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Dropping the child (timeout, kill switch) kills it.
-            .kill_on_drop(true)
-            .spawn();
-        let mut child = match spawned {
+            .kill_on_drop(true);
+        let mut child = match spawn(&mut command).await {
             Ok(child) => child,
             Err(e) => {
                 return Effect::new(

@@ -315,6 +315,51 @@ async fn command_gets_the_decision_on_stdin_and_its_exit_status_decides() {
     );
 }
 
+/// A program held open for writing (here by this test; in the test suite, by a process forked
+/// elsewhere while it was being written) cannot be run (`ETXTBSY`): it is waited out briefly,
+/// and what stays busy fails with the reason.
+#[tokio::test]
+async fn a_program_busy_being_written_is_waited_out_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = decision("busy");
+    let program = script(dir.path(), "busy.sh", "echo ran");
+    let writer = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&program)
+        .unwrap();
+    let released = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(writer);
+    });
+    let e = command(program.clone(), Duration::from_secs(5))
+        .apply(request(&d, Operation::Apply))
+        .await;
+    released.await.unwrap();
+    assert_eq!(e.status, OutcomeStatus::Applied, "{}", e.detail);
+    assert!(e.detail.contains("stdout: ran"), "{}", e.detail);
+
+    let _writer = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&program)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = command(program, Duration::from_secs(5))
+        .apply(request(&d, Operation::Apply))
+        .await;
+    assert_eq!(e.status, OutcomeStatus::Failed, "{}", e.detail);
+    assert!(
+        e.detail.starts_with("could not start") && e.detail.contains("busy"),
+        "{}",
+        e.detail
+    );
+    // Waited out for the retries' pauses (630 ms), no longer.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_kill_switch_interrupts_a_running_command() {
     let dir = tempfile::tempdir().unwrap();
