@@ -455,12 +455,11 @@ async fn recorded_offsets(
 
 type StageConsumer = rdkafka::consumer::StreamConsumer<kafka::RebalanceContext>;
 
-/// Each partition's next offset as recorded in Postgres, and those of them not yet committed to
-/// Kafka.
-#[derive(Default)]
+/// Each partition's next offset as recorded in Postgres.
 struct Recorded {
     next: HashMap<(String, i32), i64>,
-    due: HashMap<(String, i32), i64>,
+    /// Whether any was recorded since the last commit (or that commit failed).
+    changed: bool,
 }
 
 impl Recorded {
@@ -487,35 +486,41 @@ impl Recorded {
             progress
                 .events
                 .fetch_add(w.inserted, std::sync::atomic::Ordering::Relaxed);
-            let key = (w.topic, w.partition);
-            for map in [&mut self.next, &mut self.due] {
-                let next = map.entry(key.clone()).or_insert(w.next);
-                *next = (*next).max(w.next);
-            }
-            let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(w.next));
+            let next = self
+                .next
+                .entry((w.topic.clone(), w.partition))
+                .or_insert(w.next);
+            *next = (*next).max(w.next);
+            self.changed = true;
+            let _ = tpl.add_partition_offset(&w.topic, w.partition, Offset::Offset(w.next));
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             tracing::debug!(stage = NAME, error = %e, "Offsets not stored (partition revoked?).");
         }
     }
 
-    /// Commits the offsets recorded since the last commit (`due`, emptied), in `mode`: those of
-    /// partitions the consumer owns (another member's committed offset is not moved back).
+    /// Commits, in `mode`, the recorded offsets of the partitions the consumer owns (another
+    /// member's committed offset is not moved back): asynchronously only if any was recorded
+    /// since the last commit, synchronously always.
+    ///
+    /// All of them, each time: one request, and a commit that failed (an asynchronous one
+    /// reports its failure to no one here) is made good by the next, with nothing to track.
     fn commit(&mut self, consumer: &StageConsumer, mode: CommitMode) {
-        if self.due.is_empty() {
+        if matches!(mode, CommitMode::Async) && !self.changed {
             return;
         }
-        let owned: HashSet<(String, i32)> = kafka::owned(consumer).into_iter().collect();
+        self.changed = false;
         let mut tpl = TopicPartitionList::new();
-        for (key, next) in self.due.drain() {
-            if owned.contains(&key) {
-                let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(next));
+        for (topic, partition) in kafka::owned(consumer) {
+            if let Some(&next) = self.next.get(&(topic.clone(), partition)) {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
             }
         }
         if tpl.count() == 0 {
             return;
         }
         if let Err(e) = consumer.commit(&tpl, mode) {
+            self.changed = true;
             tracing::debug!(stage = NAME, error = %e, "Recorded offsets not committed (partition revoked?); the next commit carries them.");
         }
     }
@@ -523,7 +528,6 @@ impl Recorded {
     /// Forgets a revoked partition.
     fn forget(&mut self, key: &(String, i32)) {
         self.next.remove(key);
-        self.due.remove(key);
     }
 }
 
@@ -560,7 +564,7 @@ pub(crate) async fn run(
             Ok(next) => {
                 break Recorded {
                     next,
-                    due: HashMap::new(),
+                    changed: false,
                 };
             }
             Err(e) => {
@@ -595,9 +599,6 @@ pub(crate) async fn run(
                 break 'outer;
             }
             recorded.commit(&consumer, CommitMode::Sync);
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(stage = NAME, error = %e, "Commit before replacing the consumer failed.");
-            }
             let dropped = kafka::owned(&consumer);
             let fresh =
                 kafka::consumer(kafka_config, &group, progress.consumer.clone()).map_err(err)?;
@@ -790,9 +791,6 @@ pub(crate) async fn run(
     let written = writers.close().await;
     recorded.store(&consumer, &mut report, progress, written);
     recorded.commit(&consumer, CommitMode::Sync);
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(stage = NAME, error = %e, "Final commit skipped.");
-    }
     tracing::info!(
         stage = NAME,
         messages = report.messages,
