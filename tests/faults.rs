@@ -963,7 +963,8 @@ async fn consumer_group_churn_for_3_minutes() -> anyhow::Result<()> {
 
 /// 5. A consumer that stops making progress while its partitions hold unread input (here its
 /// partitions are paused, as a wedged fetcher would leave them) is found by the runner's
-/// watchdog within `runner.stall_timeout` and replaced; every record is then processed.
+/// watchdog once input has waited `runner.stall_timeout` unread (found on a look at most one
+/// timeout after the last read) and replaced; every record is then processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_consumer_is_detected_and_recovered() -> anyhow::Result<()> {
     stalled("stall", Stall::Reading).await
@@ -1198,6 +1199,24 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
     tally
         .measured
         .insert("stalls".into(), progress.stalls.load(Relaxed) as f64);
+    // Consumers replaced in the stages not stalled (measured, not asserted: a stage that truly
+    // reads nothing for the timeout on a loaded machine is replaced, harmlessly): each costs a
+    // rebalance on the way to catching up.
+    let stalled_stage = match kind {
+        Stall::Fleet => Some(Stage::Fleet),
+        Stall::Reading | Stall::Refused => Some(Stage::Features),
+        Stall::EveryStage => None,
+    };
+    if let Some(stalled_stage) = stalled_stage {
+        let others: u64 = Stage::ALL
+            .into_iter()
+            .filter(|s| *s != stalled_stage)
+            .map(|s| observer.stage(s).stalls.load(Relaxed))
+            .sum();
+        tally
+            .measured
+            .insert("other_stages_replaced".into(), others as f64);
+    }
     // Records the stalled stage had read when it stopped reading; for the fleet stage (scores
     // only: this input has no traces), a round was open unless it is a multiple of the entities.
     tally

@@ -3,7 +3,11 @@
 //!
 //! - **reading**: the consumer reads nothing for `runner.stall_timeout` although its
 //!   partitions hold unread input and back-pressure (`runner.max_in_flight`) is not what holds
-//!   it: the stage replaces it;
+//!   it: the stage replaces it. The input must have been seen waiting for that long: a first
+//!   look that finds input (once nothing was read for the timeout) starts that clock. Input
+//!   that arrived just before the look is not a stall (a stage quiet for a while, then given
+//!   a burst, had its consumer replaced before it could fetch, and the replacements of the
+//!   stages downstream added a rebalance each to the catch-up);
 //! - **delivery**: outputs wait longer than `runner.stall_timeout` for the broker's
 //!   acknowledgement: reported once (whether the broker answers or not), not acted on. Replacing
 //!   the clients on it, and on a consumer that owns nothing or gets no answer while the producer
@@ -43,6 +47,8 @@ pub(crate) struct Watchdog {
     timeout: Duration,
     /// When input was last read (or nothing was found waiting).
     last_input: Instant,
+    /// When input was first found waiting with nothing read since.
+    waiting_since: Option<Instant>,
     /// When an output was last acknowledged (or nothing was in flight, or the broker was away).
     last_ack: Instant,
     /// Whether outputs waiting on an unreachable broker have been reported.
@@ -57,6 +63,7 @@ impl Watchdog {
             stage,
             timeout,
             last_input: now,
+            waiting_since: None,
             last_ack: now,
             waiting_reported: false,
         }
@@ -65,6 +72,7 @@ impl Watchdog {
     /// Input was read (or a partition's end reached).
     pub(crate) fn read(&mut self) {
         self.last_input = Instant::now();
+        self.waiting_since = None;
     }
 
     /// An output was acknowledged.
@@ -79,6 +87,7 @@ impl Watchdog {
     pub(crate) fn replaced(&mut self) {
         let now = Instant::now();
         self.last_input = now;
+        self.waiting_since = None;
         self.last_ack = now;
         self.waiting_reported = false;
     }
@@ -108,25 +117,44 @@ impl Watchdog {
                 }
             }
         }
-        if self.last_input.elapsed() < self.timeout || in_flight >= max_in_flight {
+        if self.last_input.elapsed() < self.timeout
+            || self
+                .waiting_since
+                .is_some_and(|since| since.elapsed() < self.timeout)
+        {
+            return None;
+        }
+        if in_flight >= max_in_flight {
+            // Back-pressure holds it: input waiting is not a stall, and is looked at afresh.
+            self.waiting_since = None;
             return None;
         }
         // Nothing read for a while, with room to read: is input waiting?
         let idle = self.last_input.elapsed();
         match tokio::task::block_in_place(|| waiting(consumer)) {
-            Waiting::Unread(unread) if unread > 0 => {
-                tracing::warn!(
-                    stage,
-                    unread,
-                    ?idle,
-                    "Consumer stalled: input is waiting but none was read; replacing it."
-                );
-                Some(Stall::Reading { unread })
-            }
+            Waiting::Unread(unread) if unread > 0 => match self.waiting_since {
+                // Seen waiting for the timeout, and still nothing read.
+                Some(since) => {
+                    tracing::warn!(
+                        stage,
+                        unread,
+                        ?idle,
+                        waiting = ?since.elapsed(),
+                        "Consumer stalled: input is waiting but none was read; replacing it."
+                    );
+                    Some(Stall::Reading { unread })
+                }
+                // It may have just arrived: the consumer gets the timeout to read it.
+                None => {
+                    self.waiting_since = Some(Instant::now());
+                    None
+                }
+            },
             // Nothing waiting, nothing owned, or the broker does not say (it is away, or too
             // busy: then nothing is stalled on our side).
             _ => {
                 self.last_input = Instant::now();
+                self.waiting_since = None;
                 None
             }
         }
@@ -181,4 +209,92 @@ fn waiting(consumer: &StreamConsumer<RebalanceContext>) -> Waiting {
         unread += (high - from).max(0);
     }
     Waiting::Unread(unread)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the broker the test command starts (`FORESIGHT_TEST_BROKERS`, default
+    //! `127.0.0.1:9092`).
+    use std::sync::Arc;
+
+    use rdkafka::{
+        ClientConfig, TopicPartitionList,
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+        producer::{FutureProducer, FutureRecord},
+    };
+
+    use super::*;
+    use crate::config::KafkaConfig;
+
+    /// Input that arrives just before the watchdog looks is not a stall; input left unread for
+    /// the timeout after it was seen is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn input_must_wait_unread_for_the_timeout_to_be_a_stall() {
+        let brokers =
+            std::env::var("FORESIGHT_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let suffix: u64 = rand::random();
+        let topic = format!("watchdog-{suffix:x}");
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &brokers);
+        let admin: AdminClient<DefaultClientContext> = client.create().unwrap();
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+        let config = KafkaConfig {
+            brokers,
+            ..KafkaConfig::default()
+        };
+        let consumer =
+            crate::kafka::consumer(&config, &format!("{topic}-group"), Arc::default()).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+
+        let timeout = Duration::from_secs(1);
+        let mut watchdog = Watchdog::new("test", timeout);
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+        // Nothing read for the timeout, and nothing waiting: the clock starts again.
+        tokio::time::sleep(timeout).await;
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+        assert!(watchdog.waiting_since.is_none());
+
+        // Input arrives (the consumer is never polled, so it reads none of it) just before the
+        // next look, a timeout after the last: seen, not a stall yet.
+        tokio::time::sleep(timeout).await;
+        let producer: FutureProducer = client.create().unwrap();
+        for i in 0..3 {
+            producer
+                .send(
+                    FutureRecord::<(), _>::to(&topic).payload(&format!("{i}")),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+        assert!(watchdog.waiting_since.is_some());
+        // Back-pressure is never a stall.
+        tokio::time::sleep(timeout).await;
+        assert_eq!(watchdog.check(&consumer, 10, 10), None);
+        assert!(watchdog.waiting_since.is_none());
+        // Seen again, then still unread for the timeout: a stall.
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+        tokio::time::sleep(timeout).await;
+        assert_eq!(
+            watchdog.check(&consumer, 0, 10),
+            Some(Stall::Reading { unread: 3 })
+        );
+        // Anything read starts both clocks again.
+        watchdog.read();
+        assert!(watchdog.waiting_since.is_none());
+        assert_eq!(watchdog.check(&consumer, 0, 10), None);
+    }
 }
