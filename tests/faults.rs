@@ -1103,10 +1103,11 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
     });
     let features = observer.stage(Stage::Features);
     // The stage whose stall is watched.
-    let progress = match kind {
-        Stall::Fleet => observer.stage(Stage::Fleet),
-        _ => features,
+    let watched = match kind {
+        Stall::Fleet => Stage::Fleet,
+        _ => Stage::Features,
     };
+    let progress = observer.stage(watched);
     use std::sync::atomic::Ordering::Relaxed;
     let result = async {
         eventually("the first half read", Duration::from_secs(60), || async {
@@ -1202,15 +1203,10 @@ async fn stalled(name: &'static str, kind: Stall) -> anyhow::Result<()> {
     // Consumers replaced in the stages not stalled (measured, not asserted: a stage that truly
     // reads nothing for the timeout on a loaded machine is replaced, harmlessly): each costs a
     // rebalance on the way to catching up.
-    let stalled_stage = match kind {
-        Stall::Fleet => Some(Stage::Fleet),
-        Stall::Reading | Stall::Refused => Some(Stage::Features),
-        Stall::EveryStage => None,
-    };
-    if let Some(stalled_stage) = stalled_stage {
+    if !matches!(kind, Stall::EveryStage) {
         let others: u64 = Stage::ALL
             .into_iter()
-            .filter(|s| *s != stalled_stage)
+            .filter(|s| *s != watched)
             .map(|s| observer.stage(s).stalls.load(Relaxed))
             .sum();
         tally

@@ -217,43 +217,31 @@ mod tests {
     //! `127.0.0.1:9092`).
     use std::sync::Arc;
 
-    use rdkafka::{
-        ClientConfig, TopicPartitionList,
-        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-        client::DefaultClientContext,
-        producer::{FutureProducer, FutureRecord},
-    };
+    use rdkafka::{TopicPartitionList, producer::FutureRecord};
 
     use super::*;
-    use crate::config::KafkaConfig;
+    use crate::{
+        config::KafkaConfig,
+        kafka::{self, Topics},
+    };
 
     /// Input that arrives just before the watchdog looks is not a stall; input left unread for
     /// the timeout after it was seen is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn input_must_wait_unread_for_the_timeout_to_be_a_stall() {
-        let brokers =
-            std::env::var("FORESIGHT_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-        let suffix: u64 = rand::random();
-        let topic = format!("watchdog-{suffix:x}");
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &brokers);
-        let admin: AdminClient<DefaultClientContext> = client.create().unwrap();
-        let created = admin
-            .create_topics(
-                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .unwrap();
-        assert!(created.iter().all(Result::is_ok), "{created:?}");
         let config = KafkaConfig {
-            brokers,
+            brokers: std::env::var("FORESIGHT_TEST_BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:9092".into()),
+            partitions: 1,
             ..KafkaConfig::default()
         };
-        let consumer =
-            crate::kafka::consumer(&config, &format!("{topic}-group"), Arc::default()).unwrap();
+        let suffix: u64 = rand::random();
+        let topics = Topics::new(&format!("watchdog-{suffix:x}."));
+        kafka::create_topics(&config, &topics).await.unwrap();
+        let topic = &topics.metrics;
+        let consumer = kafka::consumer(&config, &format!("{topic}-group"), Arc::default()).unwrap();
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
             .unwrap();
         consumer.assign(&tpl).unwrap();
 
@@ -268,11 +256,11 @@ mod tests {
         // Input arrives (the consumer is never polled, so it reads none of it) just before the
         // next look, a timeout after the last: seen, not a stall yet.
         tokio::time::sleep(timeout).await;
-        let producer: FutureProducer = client.create().unwrap();
+        let producer = kafka::producer(&config).unwrap();
         for i in 0..3 {
             producer
                 .send(
-                    FutureRecord::<(), _>::to(&topic).payload(&format!("{i}")),
+                    FutureRecord::<(), _>::to(topic).payload(&format!("{i}")),
                     Duration::from_secs(10),
                 )
                 .await
