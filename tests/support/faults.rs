@@ -442,6 +442,15 @@ pub async fn check(
         .iter()
         .map(|(id, s)| (*id, serde_json::to_string(s).unwrap_or_default()))
         .collect();
+    // The first few published with other content than the replay's, both versions, to say why.
+    for (id, live) in scores
+        .iter()
+        .filter(|(id, live)| want_scores.get(id).is_some_and(|want| want != live))
+        .take(DECISIONS_LISTED)
+    {
+        eprintln!("{scenario}: score {id} published as {live}");
+        eprintln!("{scenario}: score {id} in the replay {}", want_scores[id]);
+    }
     t.scores = Count::of(&want_scores, &keyed(scores));
 
     let decisions: Vec<Decision> = decode(brokers, &topics.decisions)?;
