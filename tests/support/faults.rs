@@ -164,8 +164,8 @@ pub struct LostWindow {
 
 /// Most lost windows a tally lists.
 const LOST_LISTED: usize = 10;
-/// Decisions printed that differ from the replay's, of each kind.
-const DECISIONS_LISTED: usize = 3;
+/// Decisions and scores printed that differ from the replay's, of each kind.
+const DIFFERENCES_LISTED: usize = 3;
 
 impl Tally {
     /// Whether nothing was lost, duplicated or unexplained.
@@ -446,7 +446,7 @@ pub async fn check(
     for (id, live) in scores
         .iter()
         .filter(|(id, live)| want_scores.get(id).is_some_and(|want| want != live))
-        .take(DECISIONS_LISTED)
+        .take(DIFFERENCES_LISTED)
     {
         eprintln!("{scenario}: score {id} published as {live}");
         eprintln!("{scenario}: score {id} in the replay {}", want_scores[id]);
@@ -467,13 +467,13 @@ pub async fn check(
         .filter(|d| !published.contains(&d.id()))
         .collect();
     for (what, list) in [("unexpected", &unexpected), ("missing", &missing)] {
-        for d in list.iter().take(DECISIONS_LISTED) {
+        for d in list.iter().take(DIFFERENCES_LISTED) {
             eprintln!("{scenario}: {what} decision {}", serde_json::to_string(d)?);
         }
-        if list.len() > DECISIONS_LISTED {
+        if list.len() > DIFFERENCES_LISTED {
             eprintln!(
                 "{scenario}: ... {} more {what} decisions",
-                list.len() - DECISIONS_LISTED
+                list.len() - DIFFERENCES_LISTED
             );
         }
     }
