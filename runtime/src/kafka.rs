@@ -388,9 +388,9 @@ pub(crate) struct RebalanceContext {
     /// Revocations and assignments since the runner last asked, in the order they happened (a
     /// partition revoked and assigned back in one rebalance must end up assigned).
     changes: Mutex<Vec<Rebalanced>>,
-    /// Whether `changes` holds any revocation (set and cleared under its lock), so that the
-    /// check made for every message received takes no lock in the common case.
-    revocations: std::sync::atomic::AtomicBool,
+    /// Whether `changes` holds anything (set and cleared under its lock), so that the check
+    /// made for every message received takes no lock in the common case.
+    unsettled: std::sync::atomic::AtomicBool,
     /// What health checks and metrics see of this consumer.
     state: Arc<ConsumerState>,
 }
@@ -429,6 +429,14 @@ impl ConsumerState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether it owns `partition` of `topic` now.
+    fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&(topic.to_owned(), partition))
     }
 
     fn revoke(&self, partitions: &[(String, i32)]) {
@@ -475,24 +483,39 @@ impl RebalanceContext {
             .collect()
     }
 
-    /// Whether a revocation of `partition` of `topic` is waiting to be taken.
-    pub(crate) fn revocation_pending(&self, topic: &str, partition: i32) -> bool {
-        if !self.revocations.load(std::sync::atomic::Ordering::Acquire) {
+    /// Whether changes waiting to be taken must be taken before a message of `partition` of
+    /// `topic` is processed: its revocation, or any assignment (the message may be the first
+    /// of partitions assigned together, and a stage must know all of them before it processes
+    /// any: the fleet stage closes a round once every partition it owns is past it, so one it
+    /// has not been told of yet would be left out of the rounds it closes).
+    pub(crate) fn must_take_first(&self, topic: &str, partition: i32) -> bool {
+        if !self.unsettled.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
         self.changes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .any(|c| matches!(c, Rebalanced::Revoked(t, p) if t == topic && *p == partition))
+            .any(|c| match c {
+                Rebalanced::Revoked(t, p) => t == topic && *p == partition,
+                Rebalanced::Assigned(..) => true,
+            })
     }
 
     /// Assignment changes since the last call, in order.
     pub(crate) fn take_changes(&self) -> Vec<Rebalanced> {
         let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
-        self.revocations
+        self.unsettled
             .store(false, std::sync::atomic::Ordering::Release);
         std::mem::take(&mut *changes)
+    }
+
+    /// Records changes of the assignment, in the order they happened.
+    fn record(&self, new: impl IntoIterator<Item = Rebalanced>) {
+        let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        changes.extend(new);
+        self.unsettled
+            .store(!changes.is_empty(), std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -523,14 +546,11 @@ impl ConsumerContext for RebalanceContext {
                     .collect();
                 tracing::info!(?partitions, "Partitions revoked.");
                 self.state.revoke(&partitions);
-                let mut changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
-                changes.extend(
+                self.record(
                     partitions
                         .into_iter()
                         .map(|(t, p)| Rebalanced::Revoked(t, p)),
                 );
-                self.revocations
-                    .store(true, std::sync::atomic::Ordering::Release);
             }
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<(String, i32)> = tpl
@@ -540,14 +560,11 @@ impl ConsumerContext for RebalanceContext {
                     .collect();
                 tracing::info!(?partitions, "Partitions assigned.");
                 self.state.assign(&partitions);
-                self.changes
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .extend(
-                        partitions
-                            .into_iter()
-                            .map(|(t, p)| Rebalanced::Assigned(t, p)),
-                    );
+                self.record(
+                    partitions
+                        .into_iter()
+                        .map(|(t, p)| Rebalanced::Assigned(t, p)),
+                );
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance failed."),
         }
@@ -596,11 +613,14 @@ impl Resumer {
     /// Receives the next message to process, moving the consumer back when the broker served
     /// past the committed offset and skipping what comes before it.
     ///
-    /// `None`: the group rebalanced during this receive and the message came from a partition
-    /// whose revocation the caller has not taken yet. Processed now, it would meet the state the
-    /// stage held before the rebalance (state ahead of where the new assignment reads from: its
-    /// records would look late or be folded twice), so the consumer is moved back to it instead;
-    /// the caller takes the changes ([`RebalanceContext::take_changes`]), then receives again.
+    /// `None`: the group rebalanced during this receive, and the caller must take the changes
+    /// before the message is processed ([`RebalanceContext::must_take_first`]). A message of a
+    /// partition whose revocation is not taken yet would meet the state the stage held before
+    /// the rebalance (state ahead of where the new assignment reads from: its records would look
+    /// late or be folded twice); one that came with an assignment not taken yet would be
+    /// processed before the stage knew all the partitions it owns. So the consumer is moved back
+    /// to the message instead; the caller takes the changes
+    /// ([`RebalanceContext::take_changes`]), then receives again.
     pub(crate) async fn recv<'a>(
         &mut self,
         stage: &'static str,
@@ -612,11 +632,10 @@ impl Resumer {
             let offset = message.offset();
             if consumer
                 .context()
-                .revocation_pending(message.topic(), message.partition())
+                .must_take_first(message.topic(), message.partition())
             {
                 let (topic, partition) = (message.topic().to_owned(), message.partition());
-                drop(message);
-                tracing::debug!(stage, %topic, partition, offset, "Input from a partition whose revocation is not yet taken; moving back to it.");
+                tracing::debug!(stage, %topic, partition, offset, "Input received before the rebalance that came with it was taken; moving back to it.");
                 let seek = blocking(|| {
                     consumer.seek(
                         &topic,
@@ -625,11 +644,18 @@ impl Resumer {
                         Duration::from_secs(10),
                     )
                 });
-                if let Err(e) = seek {
+                match seek {
+                    Ok(()) => return Ok(None),
                     // Not assigned any more: its next owner reads it.
-                    tracing::debug!(stage, %topic, partition, error = %e, "Seek after a revocation failed.");
+                    Err(e) if !consumer.context().state.owns(&topic, partition) => {
+                        tracing::debug!(stage, %topic, partition, error = %e, "Seek back before a rebalance was taken failed; the partition is not ours any more.");
+                        return Ok(None);
+                    }
+                    // Still ours: processed now rather than lost.
+                    Err(e) => {
+                        tracing::warn!(stage, %topic, partition, offset, error = %e, "Seek back before a rebalance was taken failed; the input is processed before it.");
+                    }
                 }
-                return Ok(None);
             }
             if self.off {
                 return Ok(Some(message));
@@ -752,6 +778,7 @@ pub(crate) fn move_back<K: std::hash::Hash + Eq + Clone>(
 mod tests {
     use super::*;
     use rdkafka::{
+        Message as _,
         mocking::MockCluster,
         producer::FutureRecord,
         types::{RDKafkaApiKey, RDKafkaRespErr},
@@ -803,5 +830,78 @@ mod tests {
         assert_eq!(code, RDKafkaErrorCode::GaplessGuarantee, "{reason}");
         deliver(&mut outputs, "three").await.unwrap();
         assert!(!outputs.failed());
+    }
+
+    /// Partitions assigned together are all announced to the stage before any of their input is
+    /// processed. (The first input of a rebalance comes from the receive the rebalance happened
+    /// in; processed then, the fleet stage would close rounds on the one partition it knew of.)
+    /// Against the broker the test command starts (`FORESIGHT_TEST_BROKERS`, default
+    /// `127.0.0.1:9092`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn input_is_received_only_after_the_assignment_it_came_with_is_taken() {
+        let config = KafkaConfig {
+            brokers: std::env::var("FORESIGHT_TEST_BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:9092".into()),
+            partitions: 3,
+            ..KafkaConfig::default()
+        };
+        let suffix: u64 = rand::random();
+        let topics = Topics::new(&format!("rebalance-{suffix:x}."));
+        create_topics(&config, &topics).await.unwrap();
+        let topic = topics.metrics.as_str();
+        let producer = producer(&config).unwrap();
+        for partition in 0..3 {
+            for i in 0..5 {
+                producer
+                    .send(
+                        FutureRecord::<(), _>::to(topic)
+                            .partition(partition)
+                            .payload(&format!("{i}")),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+
+        for stateful in [true, false] {
+            let consumer =
+                consumer(&config, &format!("{topic}-{stateful}"), Arc::default()).unwrap();
+            consumer.subscribe(&[topic]).unwrap();
+            let mut resumer = Resumer::new(stateful);
+            let mut taken = BTreeSet::new();
+            let mut read = BTreeSet::new();
+            let mut moved_back = 0;
+            while read.len() < 15 {
+                for change in consumer.context().take_changes() {
+                    match change {
+                        Rebalanced::Assigned(t, p) => assert!(taken.insert((t, p))),
+                        Rebalanced::Revoked(t, p) => panic!("{t}/{p} revoked"),
+                    }
+                }
+                let received =
+                    tokio::time::timeout(Duration::from_secs(30), resumer.recv("test", &consumer))
+                        .await
+                        .expect("all input read within 30 s")
+                        .unwrap();
+                let Some(message) = received else {
+                    moved_back += 1;
+                    continue;
+                };
+                let key = (message.topic().to_owned(), message.partition());
+                assert!(
+                    taken.contains(&key),
+                    "input of {key:?} received before its assignment was taken (taken: {taken:?})"
+                );
+                assert!(read.insert((key.1, message.offset())), "read twice");
+            }
+            assert_eq!(taken.len(), 3);
+            // The first input came in the receive the assignment happened in, and was moved
+            // back to once; each message was then read once, none lost.
+            assert_eq!(moved_back, 1);
+            let expected: BTreeSet<(i32, i64)> =
+                (0..3).flat_map(|p| (0..5).map(move |o| (p, o))).collect();
+            assert_eq!(read, expected);
+        }
     }
 }
