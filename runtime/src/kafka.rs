@@ -245,6 +245,13 @@ pub(crate) fn consumer(
     consumer_with(config, group, false, state)
 }
 
+/// The consumers' `fetch.wait.max.ms` unless `kafka.consumer` sets it: a fifth of librdkafka's
+/// default. An idle consumer then asks each broker 10 times a second instead of twice; a
+/// stage that holds partitions to keep its rounds in order resumes them 4 times sooner
+/// (docs/reliability.md, scenario 8). 100 ms is the knee measured there: 50 and 10 gained
+/// nothing more.
+const FETCH_WAIT_MAX_MS: &str = "100";
+
 /// [`consumer`], optionally reporting the end of each partition (`KafkaError::PartitionEOF`),
 /// which the stage runner uses to tell processors a partition is caught up.
 pub(crate) fn consumer_with(
@@ -253,6 +260,18 @@ pub(crate) fn consumer_with(
     partition_eof: bool,
     state: Arc<ConsumerState>,
 ) -> Result<StreamConsumer<RebalanceContext>, KafkaError> {
+    consumer_config(config, group, partition_eof)?.create_with_context(RebalanceContext {
+        state,
+        ..RebalanceContext::default()
+    })
+}
+
+/// The stages' consumer properties: ours, then `kafka.consumer`'s over them.
+fn consumer_config(
+    config: &KafkaConfig,
+    group: &str,
+    partition_eof: bool,
+) -> Result<ClientConfig, KafkaError> {
     let mut c = base(config)?;
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -264,17 +283,20 @@ pub(crate) fn consumer_with(
             if partition_eof { "true" } else { "false" },
         )
         // librdkafka's statistics carry each partition's consumer lag (metrics, readiness).
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        // How long the broker may keep a fetch open while the partitions in it have nothing
+        // new (librdkafka's default: 500 ms). A partition resumed, or assigned, meanwhile is
+        // fetched only by the next request, so every hold of a stage that aligns its partitions
+        // (the fleet stage, the allocator) cost up to this much once the others were caught up
+        // or paused, and so does every record that arrives to a stage waiting at its ends.
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
     // Session and heartbeat stay at librdkafka's defaults (45 s / 3 s): a broker busy serving
     // large fetches can answer heartbeats late, and a short session then evicts a healthy
     // consumer over and over.
     for (k, v) in &config.consumer {
         c.set(k, v);
     }
-    c.create_with_context(RebalanceContext {
-        state,
-        ..RebalanceContext::default()
-    })
+    Ok(c)
 }
 
 /// How often consumers report their statistics (partition lag), unless
@@ -792,6 +814,21 @@ mod tests {
             Ok(Err((e, _))) => Err(e),
             Err(_) => Err(KafkaError::Canceled),
         }
+    }
+
+    /// The stages' consumers wait at most 100 ms for a fetch to fill (librdkafka: 500 ms), and
+    /// `kafka.consumer` still has the last word.
+    #[test]
+    fn consumers_fetch_again_within_100_ms_unless_configured() {
+        let mut config = KafkaConfig::default();
+        let ours = consumer_config(&config, "g", false).unwrap();
+        assert_eq!(ours.get("fetch.wait.max.ms"), Some("100"));
+        assert_eq!(ours.get("enable.auto.offset.store"), Some("false"));
+        config
+            .consumer
+            .insert("fetch.wait.max.ms".into(), "500".into());
+        let theirs = consumer_config(&config, "g", false).unwrap();
+        assert_eq!(theirs.get("fetch.wait.max.ms"), Some("500"));
     }
 
     /// A batch the broker refuses makes the producer fail (and the next output goes out through
