@@ -721,6 +721,23 @@ impl Resumer {
     }
 }
 
+/// For tests against the broker the test command starts (`FORESIGHT_TEST_BROKERS`, default
+/// `127.0.0.1:9092`): its configuration with `partitions` per topic, and topics of their own
+/// (`name` and a random suffix), created.
+#[cfg(test)]
+pub(crate) async fn test_topics(name: &str, partitions: i32) -> (KafkaConfig, Topics) {
+    let config = KafkaConfig {
+        brokers: std::env::var("FORESIGHT_TEST_BROKERS")
+            .unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        partitions,
+        ..KafkaConfig::default()
+    };
+    let suffix: u64 = rand::random();
+    let topics = Topics::new(&format!("{name}-{suffix:x}."));
+    create_topics(&config, &topics).await.unwrap();
+    (config, topics)
+}
+
 /// Runs a blocking client call from async code: on a multi-threaded runtime without holding up
 /// the other tasks of its worker, on a current-thread one (tests, `replay`) in place.
 pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
@@ -876,15 +893,7 @@ mod tests {
     /// `127.0.0.1:9092`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn input_is_received_only_after_the_assignment_it_came_with_is_taken() {
-        let config = KafkaConfig {
-            brokers: std::env::var("FORESIGHT_TEST_BROKERS")
-                .unwrap_or_else(|_| "127.0.0.1:9092".into()),
-            partitions: 3,
-            ..KafkaConfig::default()
-        };
-        let suffix: u64 = rand::random();
-        let topics = Topics::new(&format!("rebalance-{suffix:x}."));
-        create_topics(&config, &topics).await.unwrap();
+        let (config, topics) = test_topics("rebalance", 3).await;
         let topic = topics.metrics.as_str();
         let producer = producer(&config).unwrap();
         for partition in 0..3 {

@@ -220,24 +220,13 @@ mod tests {
     use rdkafka::{TopicPartitionList, producer::FutureRecord};
 
     use super::*;
-    use crate::{
-        config::KafkaConfig,
-        kafka::{self, Topics},
-    };
+    use crate::kafka;
 
     /// Input that arrives just before the watchdog looks is not a stall; input left unread for
     /// the timeout after it was seen is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn input_must_wait_unread_for_the_timeout_to_be_a_stall() {
-        let config = KafkaConfig {
-            brokers: std::env::var("FORESIGHT_TEST_BROKERS")
-                .unwrap_or_else(|_| "127.0.0.1:9092".into()),
-            partitions: 1,
-            ..KafkaConfig::default()
-        };
-        let suffix: u64 = rand::random();
-        let topics = Topics::new(&format!("watchdog-{suffix:x}."));
-        kafka::create_topics(&config, &topics).await.unwrap();
+        let (config, topics) = kafka::test_topics("watchdog", 1).await;
         let topic = &topics.metrics;
         let consumer = kafka::consumer(&config, &format!("{topic}-group"), Arc::default()).unwrap();
         let mut tpl = TopicPartitionList::new();
