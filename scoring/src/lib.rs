@@ -1154,9 +1154,10 @@ impl Processor for Scorer {
     }
 }
 
-/// Version of the checkpointed series state encoding (postcard of [`SeriesState`]). Version 1
-/// ([`SeriesStateV1`], without the changepoint detector) is still read.
-const STATE_VERSION: u8 = 3;
+/// Version of the checkpointed series state encoding (postcard of [`SeriesState`]). Versions 1
+/// to 3 ([`SeriesStateV1`] without the changepoint detector, [`SeriesStateV2`] without the
+/// smoothing recursion, [`SeriesStateV3`] without the anomaly detector's records) are still read.
+const STATE_VERSION: u8 = 4;
 
 /// Separates entity and metric in a series' checkpoint key (entity ids hold no control
 /// characters, so the first one splits them).
@@ -1234,13 +1235,33 @@ const FORECAST_MODELS: [&str; 3] = ["constant", "MSTL", "AutoETS"];
 
 /// A series' checkpointed state: its detector and cached forecast, exactly.
 #[derive(Debug, Serialize, Deserialize)]
-struct SeriesState {
+struct SeriesStateOf<Detector> {
     forecast: Option<ForecastState>,
-    detector: anomaly::DetectorState,
+    detector: Detector,
     seen: i64,
     changes: Option<changepoint::ChangeDetector>,
     chosen: Option<Chosen>,
     filter: Option<ets::EtsFilter>,
+}
+
+/// A series' state as this version writes it.
+type SeriesState = SeriesStateOf<anomaly::DetectorState>;
+
+/// A series' state as version 3 wrote it: an anomaly detector without its records (its
+/// extremes are taken from what it remembers).
+type SeriesStateV3 = SeriesStateOf<anomaly::PatternState>;
+
+impl From<SeriesStateV3> for SeriesState {
+    fn from(v3: SeriesStateV3) -> Self {
+        Self {
+            forecast: v3.forecast,
+            detector: v3.detector.into(),
+            seen: v3.seen,
+            changes: v3.changes,
+            chosen: v3.chosen,
+            filter: v3.filter,
+        }
+    }
 }
 
 /// A series' state as version 2 wrote it: no exponential smoothing recursion (its fitted
@@ -1248,7 +1269,7 @@ struct SeriesState {
 #[derive(Debug, Serialize, Deserialize)]
 struct SeriesStateV2 {
     forecast: Option<ForecastState>,
-    detector: anomaly::DetectorState,
+    detector: anomaly::PatternState,
     seen: i64,
     changes: Option<changepoint::ChangeDetector>,
     chosen: Option<Chosen>,
@@ -1259,7 +1280,7 @@ struct SeriesStateV2 {
 #[derive(Debug, Serialize, Deserialize)]
 struct SeriesStateV1 {
     forecast: Option<ForecastState>,
-    detector: anomaly::DetectorState,
+    detector: anomaly::PatternState,
     seen: i64,
 }
 
@@ -1275,7 +1296,7 @@ impl From<SeriesStateV1> for SeriesStateV2 {
     }
 }
 
-impl From<SeriesStateV2> for SeriesState {
+impl From<SeriesStateV2> for SeriesStateV3 {
     fn from(v2: SeriesStateV2) -> Self {
         Self {
             forecast: v2.forecast,
@@ -1291,10 +1312,16 @@ impl From<SeriesStateV2> for SeriesState {
 impl SeriesState {
     fn decode(key: &str, value: &[u8]) -> Result<Self, StateError> {
         match value.first() {
-            Some(1) => {
-                Ok(SeriesStateV2::from(decode_state::<SeriesStateV1>(key, 1, value)?).into())
+            Some(1) => Ok(
+                SeriesStateV3::from(SeriesStateV2::from(decode_state::<SeriesStateV1>(
+                    key, 1, value,
+                )?))
+                .into(),
+            ),
+            Some(2) => {
+                Ok(SeriesStateV3::from(decode_state::<SeriesStateV2>(key, 2, value)?).into())
             }
-            Some(2) => Ok(decode_state::<SeriesStateV2>(key, 2, value)?.into()),
+            Some(3) => Ok(decode_state::<SeriesStateV3>(key, 3, value)?.into()),
             _ => decode_state(key, STATE_VERSION, value),
         }
     }
@@ -1944,8 +1971,9 @@ mod tests {
         }
         let mut store = BTreeMap::new();
         apply(&mut store, original.checkpoint(0));
-        // The same state as versions 1 (without the changepoint detector) and 2 (without the
-        // exponential smoothing recursion) wrote it.
+        // The same state as versions 1 (without the changepoint detector), 2 (without the
+        // exponential smoothing recursion) and 3 (without the anomaly detector's records) wrote
+        // it.
         let old = |version: u8| -> Vec<(String, Vec<u8>)> {
             store
                 .iter()
@@ -1955,26 +1983,37 @@ mod tests {
                         state.changes.is_some() && state.filter.is_some(),
                         "{state:?}"
                     );
-                    let value = if version == 1 {
-                        encode_state(
+                    let detector = state.detector.without_records();
+                    let value = match version {
+                        1 => encode_state(
                             1,
                             &SeriesStateV1 {
                                 forecast: state.forecast,
-                                detector: state.detector,
+                                detector,
                                 seen: state.seen,
                             },
-                        )
-                    } else {
-                        encode_state(
+                        ),
+                        2 => encode_state(
                             2,
                             &SeriesStateV2 {
                                 forecast: state.forecast,
-                                detector: state.detector,
+                                detector,
                                 seen: state.seen,
                                 changes: state.changes,
                                 chosen: state.chosen,
                             },
-                        )
+                        ),
+                        _ => encode_state(
+                            3,
+                            &SeriesStateV3 {
+                                forecast: state.forecast,
+                                detector,
+                                seen: state.seen,
+                                changes: state.changes,
+                                chosen: state.chosen,
+                                filter: state.filter,
+                            },
+                        ),
                     };
                     (k.clone(), value)
                 })
@@ -1984,18 +2023,24 @@ mod tests {
         v1.restore(0, old(1)).unwrap();
         let mut v2 = scorer(above("cpu", 95.0));
         v2.restore(0, old(2)).unwrap();
+        let mut v3 = scorer(above("cpu", 95.0));
+        v3.restore(0, old(3)).unwrap();
         // A version-1 series' changepoint detector is warmed up on the next window's history;
-        // a version-2 series' forecast is read further along until its next refit. The level
-        // shift at window 110 is found by all three.
-        let mut found = [false; 3];
+        // a version-2 series' forecast is read further along until its next refit; a version-3
+        // series' anomaly detector takes its extremes from what it remembers. The level shift at
+        // window 110 is found by all four.
+        let mut found = [false; 4];
         for w in &ws[100..] {
-            for (i, s) in [&mut original, &mut v1, &mut v2].into_iter().enumerate() {
+            for (i, s) in [&mut original, &mut v1, &mut v2, &mut v3]
+                .into_iter()
+                .enumerate()
+            {
                 let r = score(s, w.clone()).unwrap();
                 found[i] |= r.contributors.iter().any(|c| c.signal == "changepoint");
             }
         }
-        assert_eq!(found, [true; 3]);
-        for restored in [&mut v1, &mut v2] {
+        assert_eq!(found, [true; 4]);
+        for restored in [&mut v1, &mut v2, &mut v3] {
             let rewritten = restored.checkpoint(0);
             let StateChange::Put { key, value } = &rewritten[0] else {
                 panic!("{rewritten:?}")
