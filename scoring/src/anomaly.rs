@@ -975,8 +975,9 @@ mod tests {
                 least = least.min(before.clone().observe(&[growing(i)], d.config.memory, true));
             }
         }
-        // Its records' own evidence stays a whole alarm's worth below the alarm level.
-        assert!(-(3.0 * least).log10() < alarm - 1.0, "{least}");
+        // Its records' own evidence (not counted in the Bonferroni factor) stays half an alarm's
+        // worth below the alarm level (2.2 here).
+        assert!(-least.log10() < alarm - 0.5, "{least}");
     }
 
     #[test]
