@@ -482,8 +482,9 @@ impl Records {
             self.recent.clear();
         }
         let slot = (n % window as u64) as usize;
-        let before: u32 = self.recent.iter().map(|w| w.count_ones()).sum();
+        let mut leaving = 0;
         if let Some(word) = self.recent.get_mut(slot / 64) {
+            leaving = (*word >> (slot % 64)) & 1;
             *word &= !(1 << (slot % 64));
         }
         // The overshoot beyond the old extreme as a share of the old range (a range of zero, a
@@ -505,6 +506,8 @@ impl Records {
         let Some(r) = overshoot.filter(|_| scored) else {
             return 1.0;
         };
+        // Records among the `window` values before this one (counted only for a record).
+        let before = self.recent.iter().map(|w| w.count_ones()).sum::<u32>() + leaving as u32;
         if self.recent.is_empty() {
             self.recent.resize(words, 0);
         }
