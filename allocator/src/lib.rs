@@ -359,7 +359,10 @@ pub struct Allocator {
     rounds: BTreeMap<DateTime<Utc>, Round>,
     /// Newest round decided: a score for an older time arrives late.
     decided_through: Option<DateTime<Utc>>,
-    /// Newest event time seen.
+    /// Newest event time decided (a round's, or a score's decided alone): the clock staleness
+    /// is judged by. Scores waiting in open rounds do not move it, so a round's scores are
+    /// never stale for how far a consumer has read ahead of it (live, rounds up to the bound
+    /// on open ones and a fetch beyond; a replay reads no further than the round).
     watermark: Option<DateTime<Utc>>,
     max_open_rounds: usize,
     max_round_size: usize,
@@ -466,7 +469,6 @@ impl Allocator {
     }
 
     fn score(&mut self, score: RiskScore, out: &mut Vec<Output<Decision>>) {
-        self.watermark = Some(self.watermark.map_or(score.time, |w| w.max(score.time)));
         let late = self.decided_through.is_some_and(|d| score.time <= d);
         if score.rank.is_none() || late {
             // Unranked (no fleet stage upstream) or late for its round: a round of its own.
@@ -581,7 +583,8 @@ impl Allocator {
     /// Decides one round.
     fn decide(&mut self, scores: Vec<RiskScore>, out: &mut Vec<Output<Decision>>) {
         let stale_after = TimeDelta::from_std(self.policy.stale_after).unwrap_or(TimeDelta::MAX);
-        let watermark = self.watermark;
+        let watermark = scores.iter().map(|s| s.time).chain(self.watermark).max();
+        self.watermark = watermark;
         // Fresh scores only; their entities' risk and bands are updated before anything is
         // decided, so placements avoid every node this round found at risk.
         let mut fresh: Vec<usize> = Vec::with_capacity(scores.len());

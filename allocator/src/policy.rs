@@ -20,8 +20,9 @@ pub struct Policy {
     /// What the policy is for, for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
-    /// A score older than this behind the newest event time the allocator has seen is stale
-    /// and never acted on.
+    /// A score older than this behind the newest event time the allocator has decided (the
+    /// newest round; scores read ahead into rounds still open do not count) is stale and never
+    /// acted on.
     #[serde(with = "humantime_serde", default = "default_stale_after")]
     pub stale_after: Duration,
     /// Bands with hysteresis, exposed to conditions as `band`.

@@ -327,6 +327,64 @@ fn beyond_the_bound_on_open_rounds_partitions_ahead_are_held_not_rounds_decided_
 }
 
 #[test]
+fn scores_read_ahead_into_open_rounds_do_not_make_an_older_round_stale() {
+    // Live, a consumer reads one partition ahead of another up to the bound on open rounds
+    // (and a fetch beyond it, before the pause takes effect). Those scores wait in their open
+    // rounds; judged against them, the oldest round's scores would be stale (over 15 minutes
+    // behind) when it completes, and its decisions never made, where the replay, reading in
+    // time order, makes them.
+    let mut inputs = Vec::new();
+    for minute in 10..32 {
+        // n1 (partition 1) is at high risk in the first round only.
+        let p1 = if minute == 10 { 0.95 } else { 0.1 };
+        for (partition, e, p) in [(0, "n2", 0.1), (1, "n1", p1)] {
+            let mut s = score(e, minute, p);
+            s.rank = Some(Rank { position: 0, of: 2 });
+            inputs.push((partition, s));
+        }
+    }
+    let new = || {
+        let mut a = Allocator::new(Policy::default(), &pool3(), GraphConfig::default()).unwrap();
+        a.max_open_rounds = 32;
+        a.hold_partitions();
+        a.assigned(0);
+        a.assigned(1);
+        a
+    };
+    let decide = |a: &mut Allocator, inputs: &mut dyn Iterator<Item = &(i32, RiskScore)>| {
+        let mut out = Vec::new();
+        for (partition, s) in inputs {
+            let origin = Origin {
+                input: 0,
+                partition: *partition,
+                offset: 0,
+            };
+            a.process(AllocatorInput::Score(s.clone()), origin, &mut out);
+        }
+        out.into_iter()
+            .map(|o| match o {
+                Output::Event(d) => d,
+                Output::Rejected(r) => panic!("{r:?}"),
+            })
+            .collect::<Vec<Decision>>()
+    };
+    let want = decide(&mut new(), &mut inputs.iter());
+    assert!(
+        want.iter().any(|d| d.rule == "migrate-high-risk"),
+        "{want:#?}"
+    );
+    // Partition 0's 22 rounds first, then partition 1's.
+    let mut ahead = new();
+    let mut got = decide(&mut ahead, &mut inputs.iter().filter(|(p, _)| *p == 0));
+    assert!(got.is_empty(), "no round complete: {got:#?}");
+    got.extend(decide(
+        &mut ahead,
+        &mut inputs.iter().filter(|(p, _)| *p == 1),
+    ));
+    assert_eq!(got, want);
+}
+
+#[test]
 fn velocity_limits_defer_and_report() {
     let mut policy = Policy::default();
     policy.limits.per_minute = 2;
