@@ -100,7 +100,8 @@ enum Command {
         seed: u64,
     },
     /// Print a topic's events as they arrive, one line each (no consumer group position is
-    /// changed). Without --follow, stops once it has caught up.
+    /// changed). Without --follow, prints what the topic held when the command started and
+    /// stops there.
     Tail {
         /// What to print.
         #[arg(value_enum)]

@@ -127,11 +127,10 @@ pub async fn tail(
             }
             Err(e) => return Err(anyhow::Error::new(e).context(unreachable())),
         };
-        if ends
-            .get(&message.partition())
-            .is_some_and(|&end| message.offset() + 1 >= end)
-        {
-            ends.remove(&message.partition());
+        if !ends.take(message.partition(), message.offset()) && !options.follow {
+            // Written after the command started, to a partition still being caught up with:
+            // not part of what `--last` asked for.
+            continue;
         }
         let line = if options.json {
             json_line(what, &message)
@@ -166,14 +165,36 @@ fn transient(e: &KafkaError) -> bool {
         })
 }
 
+/// Each partition's end offset as it was when the command started, for those with something to
+/// show: what "caught up" means without `follow`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ends(BTreeMap<i32, i64>);
+
+impl Ends {
+    /// Whether the message at `offset` of `partition` was written before the command started;
+    /// the partition is done once its last such message has been taken.
+    fn take(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(&end) = self.0.get(&partition) else {
+            return false;
+        };
+        if offset + 1 >= end {
+            self.0.remove(&partition);
+        }
+        offset < end
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The partitions of `topic` to read and where each starts, with the end offset of each that
 /// has something to show; `None` when the broker does not know the topic.
-#[allow(clippy::type_complexity)]
 fn assignment(
     consumer: &StreamConsumer,
     topic: &str,
     options: &TailOptions,
-) -> Result<Option<(TopicPartitionList, BTreeMap<i32, i64>)>, KafkaError> {
+) -> Result<Option<(TopicPartitionList, Ends)>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(20))?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -185,7 +206,7 @@ fn assignment(
         return Ok(None);
     }
     let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
+    let mut ends = Ends::default();
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(20))?;
         let start = if options.from_beginning {
@@ -194,7 +215,7 @@ fn assignment(
             (high - options.last).max(low)
         };
         if start < high {
-            ends.insert(p, high);
+            ends.0.insert(p, high);
         }
         tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
     }
@@ -308,5 +329,36 @@ fn summary(what: TailTopic, m: &BorrowedMessage<'_>) -> String {
             dead_letter_header(m, "error_class"),
             dead_letter_header(m, "reason"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_follow_only_what_was_written_before_the_start_is_shown() {
+        // Partition 0 had offsets 0..10 (showing the last 1), partition 1 had 0..5 (the last
+        // 1), partition 2 nothing to show when the command started.
+        let mut ends = Ends([(0, 10), (1, 5)].into_iter().collect());
+        assert!(ends.take(0, 9));
+        // Written to partition 0 after the start while partition 1 is still being read.
+        assert!(!ends.take(0, 10));
+        assert!(!ends.take(2, 0));
+        assert!(!ends.is_empty());
+        assert!(ends.take(1, 4));
+        assert!(ends.is_empty());
+        assert!(!ends.take(1, 5));
+    }
+
+    #[test]
+    fn a_gap_at_the_end_of_a_partition_still_finishes_it() {
+        // Offsets need not be contiguous (compaction, transaction markers): a message at or
+        // past the last offset before the end finishes the partition.
+        let mut ends = Ends([(0, 10)].into_iter().collect());
+        assert!(ends.take(0, 7));
+        assert!(!ends.is_empty());
+        assert!(!ends.take(0, 11));
+        assert!(ends.is_empty());
     }
 }
