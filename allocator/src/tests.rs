@@ -92,6 +92,16 @@ fn run(a: &mut Allocator, input: AllocatorInput) -> Vec<Decision> {
         .collect()
 }
 
+/// The decisions among a stage's outputs; a rejection fails the test.
+fn decisions(out: Vec<Output<Decision>>) -> Vec<Decision> {
+    out.into_iter()
+        .map(|o| match o {
+            Output::Event(d) => d,
+            Output::Rejected(r) => panic!("{r:?}"),
+        })
+        .collect()
+}
+
 /// The entries a checkpoint puts, as a restore takes them.
 fn puts(changes: Vec<StateChange>) -> Vec<(String, Vec<u8>)> {
     changes
@@ -271,14 +281,6 @@ fn beyond_the_bound_on_open_rounds_partitions_ahead_are_held_not_rounds_decided_
         };
         a.process(AllocatorInput::Score(input.1.clone()), origin, out);
     };
-    let decisions = |out: Vec<Output<Decision>>| -> Vec<Decision> {
-        out.into_iter()
-            .map(|o| match o {
-                Output::Event(d) => d,
-                Output::Rejected(r) => panic!("{r:?}"),
-            })
-            .collect()
-    };
     let mut in_order = new();
     let mut out = Vec::new();
     for input in &inputs {
@@ -361,12 +363,7 @@ fn scores_read_ahead_into_open_rounds_do_not_make_an_older_round_stale() {
             };
             a.process(AllocatorInput::Score(s.clone()), origin, &mut out);
         }
-        out.into_iter()
-            .map(|o| match o {
-                Output::Event(d) => d,
-                Output::Rejected(r) => panic!("{r:?}"),
-            })
-            .collect::<Vec<Decision>>()
+        decisions(out)
     };
     let want = decide(&mut new(), &mut inputs.iter());
     assert!(
