@@ -63,16 +63,20 @@ pub enum EntityIdError {
 }
 
 impl EntityId {
-    /// Validates and wraps an id.
-    pub fn new(id: impl Into<String>) -> Result<Self, EntityIdError> {
-        let id = id.into();
+    /// Validates and wraps an id (checked where it lies, then copied once into its shared
+    /// string: every decoded sample makes one).
+    pub fn new(id: impl AsRef<str>) -> Result<Self, EntityIdError> {
+        let id = id.as_ref();
         if id.is_empty() {
             return Err(EntityIdError::Empty);
         }
         if id.len() > MAX_ENTITY_LEN {
             return Err(EntityIdError::TooLong(id.len()));
         }
-        if id.chars().any(char::is_control) {
+        // Printable ASCII has no control characters; anything else is checked character by
+        // character (Unicode's controls include U+0080 to U+009F).
+        let printable = id.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if !printable && id.chars().any(char::is_control) {
             return Err(EntityIdError::ControlCharacter);
         }
         Ok(Self(id.into()))
@@ -198,6 +202,16 @@ mod tests {
             Err(EntityIdError::TooLong(300))
         );
         assert_eq!(EntityId::new("a\nb"), Err(EntityIdError::ControlCharacter));
+        // DEL and the C1 controls (U+0080..=U+009F) too; other non-ASCII text is an id.
+        assert_eq!(
+            EntityId::new("a\x7fb"),
+            Err(EntityIdError::ControlCharacter)
+        );
+        assert_eq!(
+            EntityId::new("a\u{85}b"),
+            Err(EntityIdError::ControlCharacter)
+        );
+        assert_eq!(EntityId::new("pompe-é").unwrap().as_str(), "pompe-é");
         assert!(serde_json::from_str::<EntityId>("\"\"").is_err());
     }
 

@@ -249,16 +249,14 @@ impl Decoder {
     }
 }
 
-/// The keys that tell the JSON formats apart: OTLP's three, Prometheus' metric name.
-static FORMAT_KEYS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
-    [
-        &b"\"resourceMetrics\""[..],
-        b"\"resourceLogs\"",
-        b"\"resourceSpans\"",
-        b"\"__name__\"",
-    ]
-    .map(Finder::new)
-});
+/// The keys that tell the JSON formats apart: OTLP's three (`"resourceMetrics"`,
+/// `"resourceLogs"`, `"resourceSpans"`, found by their common start and then told apart: two
+/// searches of a message's head instead of four), Prometheus' metric name.
+static FORMAT_KEYS: LazyLock<[Finder<'static>; 2]> =
+    LazyLock::new(|| [&b"\"resource"[..], b"\"__name__\""].map(Finder::new));
+
+/// What follows `"resource` in OTLP's three keys.
+const OTLP_KEY_ENDS: [&[u8]; 3] = [b"Metrics\"", b"Logs\"", b"Spans\""];
 
 /// The format of one message: the configured one, or (for [`Format::Auto`]) what the content
 /// type and the first bytes say.
@@ -295,11 +293,14 @@ pub fn detect(configured: Format, content_type: Option<&str>, bytes: &[u8]) -> F
     }
     // Peek at the first few hundred bytes for the keys that tell the JSON formats apart.
     let head = &bytes[start..bytes.len().min(start + 512)];
-    let has = |finder: &Finder<'static>| finder.find(head).is_some();
-    let [metrics, logs, spans, name] = &*FORMAT_KEYS;
-    if has(metrics) || has(logs) || has(spans) {
+    let [resource, name] = &*FORMAT_KEYS;
+    let otlp = resource.find_iter(head).any(|at| {
+        let rest = &head[at + resource.needle().len()..];
+        OTLP_KEY_ENDS.iter().any(|end| rest.starts_with(end))
+    });
+    if otlp {
         Format::OtlpJson
-    } else if has(name) {
+    } else if name.find(head).is_some() {
         Format::Prometheus
     } else {
         Format::Native
@@ -342,6 +343,14 @@ mod tests {
             detect(Format::Auto, None, br#"{"entity":"n"}"#),
             Format::Native
         );
+        // A key that only starts like OTLP's is not one; a later one still counts.
+        for (text, format) in [
+            (&br#"{"resourceX":1,"entity":"n"}"#[..], Format::Native),
+            (br#"{"resource":"x","a":1}"#, Format::Native),
+            (br#"{"resourceX":1,"resourceSpans":[]}"#, Format::OtlpJson),
+        ] {
+            assert_eq!(detect(Format::Auto, None, text), format);
+        }
         assert_eq!(
             detect(Format::Auto, None, &[0x0a, 0x80, 0xff]),
             Format::OtlpProto

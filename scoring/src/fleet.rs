@@ -770,38 +770,42 @@ impl Fleet {
     /// Peer outliers of the round, per entity the strongest over its metrics.
     fn peer_signals(&self, round: &[RiskScore]) -> BTreeMap<EntityId, Contributor> {
         let p = &self.config.peers;
-        let mut by_group: BTreeMap<String, Vec<&EntityId>> = BTreeMap::new();
+        // Each member looked up once per round, not once per metric.
+        let mut by_group: BTreeMap<String, Vec<(&EntityId, &Member)>> = BTreeMap::new();
         for s in round {
             if let Some(g) = self.group_of(&s.entity) {
-                by_group.entry(g).or_default().push(&s.entity);
+                let member = &self.members[&s.entity];
+                by_group.entry(g).or_default().push((&s.entity, member));
             }
         }
         let mut found: BTreeMap<EntityId, Contributor> = BTreeMap::new();
+        let mut values = Vec::new();
         for (group, entities) in by_group {
             if entities.len() < p.min_peers {
                 continue;
             }
             let mut metrics: BTreeSet<&String> = BTreeSet::new();
-            for e in &entities {
-                metrics.extend(self.members[*e].history.keys());
+            for (_, m) in &entities {
+                metrics.extend(m.history.keys());
             }
             for metric in metrics {
                 let members: Vec<(&EntityId, &VecDeque<f64>)> = entities
                     .iter()
-                    .filter_map(|e| {
-                        let h = self.members[*e].history.get(metric)?;
+                    .filter_map(|(e, m)| {
+                        let h = m.history.get(metric)?;
                         (h.len() >= p.persist).then_some((*e, h))
                     })
                     .collect();
                 if members.len() < p.min_peers {
                     continue;
                 }
+                // Every member's newest `len` values, row after row in one buffer.
                 let len = members.iter().map(|(_, h)| h.len()).min().unwrap_or(0);
-                let series: Vec<Vec<f64>> = members
-                    .iter()
-                    .map(|(_, h)| h.iter().skip(h.len() - len).copied().collect())
-                    .collect();
-                let rows: Vec<&[f64]> = series.iter().map(Vec::as_slice).collect();
+                values.clear();
+                for (_, h) in &members {
+                    values.extend(h.range(h.len() - len..));
+                }
+                let rows: Vec<&[f64]> = values.chunks_exact(len).collect();
                 let Some(scores) = self.detect(&rows) else {
                     continue;
                 };

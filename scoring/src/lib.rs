@@ -1155,9 +1155,10 @@ impl Processor for Scorer {
 }
 
 /// Version of the checkpointed series state encoding (postcard of [`SeriesState`]). Versions 1
-/// to 3 ([`SeriesStateV1`] without the changepoint detector, [`SeriesStateV2`] without the
-/// smoothing recursion, [`SeriesStateV3`] without the anomaly detector's records) are still read.
-const STATE_VERSION: u8 = 4;
+/// to 4 ([`SeriesStateV1`] without the changepoint detector, [`SeriesStateV2`] without the
+/// smoothing recursion, [`SeriesStateV3`] without the anomaly detector's records,
+/// [`SeriesStateV4`] with the changepoint detector's probabilities as logarithms) are still read.
+const STATE_VERSION: u8 = 5;
 
 /// Separates entity and metric in a series' checkpoint key (entity ids hold no control
 /// characters, so the first one splits them).
@@ -1233,33 +1234,39 @@ fn choose_form(history: &[f64]) -> Option<augurs::ets::model::Model> {
 /// The forecasting models, by the name recorded in explanations.
 const FORECAST_MODELS: [&str; 3] = ["constant", "MSTL", "AutoETS"];
 
-/// A series' checkpointed state: its detector and cached forecast, exactly.
+/// A series' checkpointed state: its detectors and cached forecast, exactly.
 #[derive(Debug, Serialize, Deserialize)]
-struct SeriesStateOf<Detector> {
+struct SeriesStateOf<Detector, Changes> {
     forecast: Option<ForecastState>,
     detector: Detector,
     seen: i64,
-    changes: Option<changepoint::ChangeDetector>,
+    changes: Option<Changes>,
     chosen: Option<Chosen>,
     filter: Option<ets::EtsFilter>,
 }
 
 /// A series' state as this version writes it.
-type SeriesState = SeriesStateOf<anomaly::DetectorState>;
+type SeriesState = SeriesStateOf<anomaly::DetectorState, changepoint::ChangeDetector>;
 
-/// A series' state as version 3 wrote it: an anomaly detector without its records (its
+/// A series' state as version 4 wrote it: the changepoint detector's probabilities as
+/// logarithms.
+type SeriesStateV4 = SeriesStateOf<anomaly::DetectorState, changepoint::LogChangeDetector>;
+
+/// A series' state as version 3 wrote it: besides, an anomaly detector without its records (its
 /// extremes are taken from what it remembers).
-type SeriesStateV3 = SeriesStateOf<anomaly::PatternState>;
+type SeriesStateV3 = SeriesStateOf<anomaly::PatternState, changepoint::LogChangeDetector>;
 
-impl From<SeriesStateV3> for SeriesState {
-    fn from(v3: SeriesStateV3) -> Self {
+impl<D: Into<anomaly::DetectorState>> From<SeriesStateOf<D, changepoint::LogChangeDetector>>
+    for SeriesState
+{
+    fn from(old: SeriesStateOf<D, changepoint::LogChangeDetector>) -> Self {
         Self {
-            forecast: v3.forecast,
-            detector: v3.detector.into(),
-            seen: v3.seen,
-            changes: v3.changes,
-            chosen: v3.chosen,
-            filter: v3.filter,
+            forecast: old.forecast,
+            detector: old.detector.into(),
+            seen: old.seen,
+            changes: old.changes.map(Into::into),
+            chosen: old.chosen,
+            filter: old.filter,
         }
     }
 }
@@ -1271,7 +1278,7 @@ struct SeriesStateV2 {
     forecast: Option<ForecastState>,
     detector: anomaly::PatternState,
     seen: i64,
-    changes: Option<changepoint::ChangeDetector>,
+    changes: Option<changepoint::LogChangeDetector>,
     chosen: Option<Chosen>,
 }
 
@@ -1322,6 +1329,7 @@ impl SeriesState {
                 Ok(SeriesStateV3::from(decode_state::<SeriesStateV2>(key, 2, value)?).into())
             }
             Some(3) => Ok(decode_state::<SeriesStateV3>(key, 3, value)?.into()),
+            Some(4) => Ok(decode_state::<SeriesStateV4>(key, 4, value)?.into()),
             _ => decode_state(key, STATE_VERSION, value),
         }
     }
@@ -1972,8 +1980,8 @@ mod tests {
         let mut store = BTreeMap::new();
         apply(&mut store, original.checkpoint(0));
         // The same state as versions 1 (without the changepoint detector), 2 (without the
-        // exponential smoothing recursion) and 3 (without the anomaly detector's records) wrote
-        // it.
+        // exponential smoothing recursion), 3 (without the anomaly detector's records) and 4
+        // (the changepoint detector's probabilities as logarithms) wrote it.
         let old = |version: u8| -> Vec<(String, Vec<u8>)> {
             store
                 .iter()
@@ -1983,6 +1991,21 @@ mod tests {
                         state.changes.is_some() && state.filter.is_some(),
                         "{state:?}"
                     );
+                    let changes = state
+                        .changes
+                        .as_ref()
+                        .map(changepoint::LogChangeDetector::from);
+                    if version == 4 {
+                        let v4 = SeriesStateV4 {
+                            forecast: state.forecast,
+                            detector: state.detector,
+                            seen: state.seen,
+                            changes,
+                            chosen: state.chosen,
+                            filter: state.filter,
+                        };
+                        return (k.clone(), encode_state(4, &v4));
+                    }
                     let detector = state.detector.without_records();
                     let value = match version {
                         1 => encode_state(
@@ -1999,7 +2022,7 @@ mod tests {
                                 forecast: state.forecast,
                                 detector,
                                 seen: state.seen,
-                                changes: state.changes,
+                                changes,
                                 chosen: state.chosen,
                             },
                         ),
@@ -2009,7 +2032,7 @@ mod tests {
                                 forecast: state.forecast,
                                 detector,
                                 seen: state.seen,
-                                changes: state.changes,
+                                changes,
                                 chosen: state.chosen,
                                 filter: state.filter,
                             },
@@ -2025,13 +2048,16 @@ mod tests {
         v2.restore(0, old(2)).unwrap();
         let mut v3 = scorer(above("cpu", 95.0));
         v3.restore(0, old(3)).unwrap();
+        let mut v4 = scorer(above("cpu", 95.0));
+        v4.restore(0, old(4)).unwrap();
         // A version-1 series' changepoint detector is warmed up on the next window's history;
         // a version-2 series' forecast is read further along until its next refit; a version-3
-        // series' anomaly detector takes its extremes from what it remembers. The level shift at
-        // window 110 is found by all four.
-        let mut found = [false; 4];
+        // series' anomaly detector takes its extremes from what it remembers; a version-4
+        // series' changepoint probabilities are the exponentials of their logarithms. The level
+        // shift at window 110 is found by all five.
+        let mut found = [false; 5];
         for w in &ws[100..] {
-            for (i, s) in [&mut original, &mut v1, &mut v2, &mut v3]
+            for (i, s) in [&mut original, &mut v1, &mut v2, &mut v3, &mut v4]
                 .into_iter()
                 .enumerate()
             {
@@ -2039,8 +2065,8 @@ mod tests {
                 found[i] |= r.contributors.iter().any(|c| c.signal == "changepoint");
             }
         }
-        assert_eq!(found, [true; 4]);
-        for restored in [&mut v1, &mut v2, &mut v3] {
+        assert_eq!(found, [true; 5]);
+        for restored in [&mut v1, &mut v2, &mut v3, &mut v4] {
             let rewritten = restored.checkpoint(0);
             let StateChange::Put { key, value } = &rewritten[0] else {
                 panic!("{rewritten:?}")
